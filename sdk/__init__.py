@@ -1,0 +1,31 @@
+"""regionkd.sdk: the runtime that scanner software embeds.
+
+Imports stay light (numpy, nibabel, onnxruntime on use); torch is never imported here, and
+TensorRT/pycuda only inside the TensorRT backend.
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("regionkd")
+except _metadata.PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+from .errors import BackendError, BundleError, InputError, MissingDependencyError, RegionKDError
+
+__all__ = [
+    "Segmenter", "SegmentationResult", "load_bundle", "Bundle",
+    "RegionKDError", "InputError", "BundleError", "BackendError", "MissingDependencyError",
+    "__version__",
+]
+
+
+def __getattr__(name):  # lazy: the segmenter pulls in onnxruntime only when asked for
+    if name in ("Segmenter", "SegmentationResult"):
+        from . import segmenter
+        return getattr(segmenter, name)
+    if name in ("load_bundle", "Bundle"):
+        from . import bundle
+        return getattr(bundle, name)
+    raise AttributeError(f"module 'regionkd.sdk' has no attribute {name!r}")

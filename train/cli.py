@@ -1,0 +1,31 @@
+"""`regionkd-train`: phantoms, teacher, student, distill, evaluate."""
+from __future__ import annotations
+
+import click
+
+from regionkd.sdk.cli_common import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Make phantom CT data, train a teacher and students (with or without region-aware
+    knowledge distillation), and evaluate checkpoints on CT volumes."""
+
+
+def _register():
+    from .cli_phantoms import phantoms
+    from .cli_training import distill, evaluate, student, teacher
+
+    for cmd in (phantoms, teacher, student, distill, evaluate):
+        cli.add_command(cmd)
+
+
+_register()
+
+
+def main(argv=None):
+    return run_cli(cli, argv)
+
+
+if __name__ == "__main__":
+    main()
