@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make demo`: the whole product on the embedded default (CPU, onnxruntime), on synthetic phantoms.
+#   phantoms -> teacher -> baseline student -> distilled student -> Dice table
+#   -> export (fp32/fp16/int8 ONNX + TensorRT-RTX engines) -> segment a held-out phantom -> latency table
+set -euo pipefail
+OUT=${1:-work/demo}
+DATA=$OUT/data
+HELD_OUT=$OUT/held-out
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+start=$(date +%s)
+step() { printf '\n=== %s (%ds)\n' "$*" $(( $(date +%s) - start )); }
+
+step "1/7 phantoms (LiTS layout)"
+[ -f "$DATA/.done" ] || {
+  rm -rf "$DATA"
+  regionkd-train phantoms "$DATA" --task liver --layout lits --cases 16 --seed 0 --shape 160,160,40
+  touch "$DATA/.done"
+}
+[ -f "$HELD_OUT/.done" ] || {
+  rm -rf "$HELD_OUT"
+  regionkd-train phantoms "$HELD_OUT" --task liver --layout kits19 --cases 1 --seed 999 --shape 256,256,48
+  touch "$HELD_OUT/.done"
+}
+
+step "2/7 teacher (RAUNet)"
+regionkd-train teacher --data "$DATA" --out "$OUT/teacher.pt" --preset demo --cache-dir "$OUT/cache"
+
+step "3/7 baseline student (ENet, no distillation)"
+regionkd-train student --data "$DATA" --arch enet --out "$OUT/student.pt" --preset demo --cache-dir "$OUT/cache"
+
+step "4/7 distilled student (ENet, PMD+IMD+RAD)"
+regionkd-train distill --data "$DATA" --teacher "$OUT/teacher.pt" --arch enet --kd pmd,imd,rad \
+  --out "$OUT/distilled.pt" --preset demo --cache-dir "$OUT/cache"
+
+step "5/7 evaluation on the validation phantoms"
+for m in teacher student distilled; do
+  regionkd-train evaluate "$OUT/$m.pt" --data "$DATA" --json "$OUT/eval-$m.json" --quiet
+done
+python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print(f"{'model':<12}" + "".join(f"{k:>10}" for k in ("liver", "tumour")))
+for m in ("teacher", "student", "distilled"):
+    mean = json.load(open(f"{out}/eval-{m}.json"))["mean"]
+    print(f"{m:<12}" + "".join(f"{mean[k]['dice']:>10.3f}" for k in ("liver", "tumour")))
+PY
+
+step "6/7 export the distilled student"
+regionkd-export "$OUT/distilled.pt" --out "$OUT/liver.bundle" --precision fp32,fp16,int8 \
+  --calib "$DATA" --val "$DATA" --engine auto --overwrite
+
+step "7/7 segment a held-out phantom and benchmark it"
+HELD_IMG=$(ls "$HELD_OUT"/case_*/imaging.nii.gz | head -n 1)
+regionkd-segment "$OUT/liver.bundle" "$HELD_IMG" -o "$OUT/masks" --preview "$OUT/preview.png"
+regionkd-bench "$OUT/liver.bundle" --volume "$HELD_IMG" --precisions fp32,int8 --repeat 3 \
+  --torch-checkpoint "$OUT/teacher.pt" --torch-checkpoint "$OUT/distilled.pt" --json "$OUT/bench.json"
+step "done"
