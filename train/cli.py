@@ -1,4 +1,4 @@
-"""`regionkd-train`: phantoms, teacher, student, distill, evaluate."""
+"""`regionkd-train`: phantoms, teacher, student, distill, evaluate, models."""
 from __future__ import annotations
 
 import click
@@ -15,9 +15,11 @@ def cli():
 def _register():
     from .cli_phantoms import phantoms
     from .cli_training import distill, evaluate, student, teacher
+    from .models.profile import models_command
 
     for cmd in (phantoms, teacher, student, distill, evaluate):
         cli.add_command(cmd)
+    cli.add_command(models_command, name="models")
 
 
 _register()

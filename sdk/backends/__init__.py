@@ -1,0 +1,77 @@
+"""Inference backends behind one small interface.
+
+A backend has `name`, `precision`, `model_path`, `max_batch`, `thread_safe`, `last_gpu_ms`,
+`run(batch)` ((n, 1, H, W) float32 -> (n, C, H, W) float32 logits) and `close()`.
+`create_backend("auto", ...)` prefers TensorRT, then TensorRT-RTX, then onnxruntime, and logs
+which one it chose and why (each GPU backend's `tensorrt_available` gives the reason it cannot run).
+"""
+from __future__ import annotations
+
+import logging
+
+from ..bundle import PRECISIONS, Bundle, load_bundle
+from ..errors import BackendError, RegionKDError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+
+log = logging.getLogger(__name__)
+
+
+def _tensorrt_module():
+    """The TensorRT backend module, imported only when a TensorRT backend is asked for."""
+    try:
+        from . import tensorrt_backend
+    except ImportError as exc:  # the module itself, not TensorRT (that one is imported inside it)
+        raise BackendError(f"the TensorRT backend is not available in this build of regionkd ({exc})") from exc
+    return tensorrt_backend
+
+
+def _tensorrt_available(rtx: bool) -> tuple[bool, str]:
+    try:
+        return _tensorrt_module().tensorrt_available(rtx=rtx)
+    except RegionKDError as exc:
+        return False, str(exc)
+
+
+def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size):
+    if name == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(bundle, precision, threads=threads, batch_size=batch_size)
+    rtx = name == "tensorrt-rtx"
+    ok, reason = _tensorrt_available(rtx)
+    if not ok:
+        raise BackendError(f"backend {name} cannot run here: {reason}")
+    return _tensorrt_module().create_tensorrt_backend(bundle, precision, rtx=rtx, batch_size=batch_size)
+
+
+def create_backend(name: str, bundle, precision: str, threads: int | None = None, batch_size: int | None = None):
+    """Create the backend `name` (one of BACKENDS) for `precision` of `bundle` (a Bundle or a bundle path)."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise BackendError(f"batch size must be at least 1, got {batch_size}")
+    if threads is not None and int(threads) < 1:
+        raise BackendError(f"threads must be at least 1, got {threads}")
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if name != "auto":
+        return _create_named(name, bundle, precision, threads, batch_size)
+    for candidate in ("tensorrt", "tensorrt-rtx"):
+        ok, reason = _tensorrt_available(candidate == "tensorrt-rtx")
+        if not ok:
+            log.info("auto backend: not %s (%s)", candidate, reason)
+            continue
+        try:
+            backend = _create_named(candidate, bundle, precision, threads, batch_size)
+        except RegionKDError as exc:
+            log.warning("auto backend: %s is installed but cannot run %s of this bundle (%s)", candidate, precision, exc)
+            continue
+        log.info("auto backend: chose %s (%s)", candidate, reason or "available")
+        return backend
+    log.info("auto backend: chose onnxruntime (no usable TensorRT or TensorRT-RTX)")
+    return _create_named("onnxruntime", bundle, precision, threads, batch_size)
+
+
+__all__ = ["BACKENDS", "create_backend"]

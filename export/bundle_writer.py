@@ -1,0 +1,106 @@
+"""Assemble a model bundle (docs/ARCHITECTURE.md, format_version 1).
+
+Everything is written into a temporary sibling directory that is renamed into place only when
+the whole export succeeded (`regionkd.sdk.atomic.atomic_directory`): an interrupted or refused
+export leaves no half bundle, and an existing bundle is replaced only with `overwrite`.
+The manifest is validated and checksummed with the SDK's own `regionkd.sdk.bundle` helpers, so
+what the export writes is exactly what `load_bundle` accepts.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+from pathlib import Path
+from typing import Iterator
+
+from regionkd.sdk.atomic import atomic_directory
+from regionkd.sdk.bundle import FORMAT_VERSION, file_entry, sha256_file, write_manifest
+from regionkd.sdk.errors import BundleError
+
+#: manifest fields of each ONNX file the export can write, by bundle-relative name
+ONNX_FILES = {
+    "model.fp32.onnx": {"format": "onnx", "precision": "fp32", "flavour": "reference",
+                        "backends": ["onnxruntime", "tensorrt"]},
+    "model.fp16.onnx": {"format": "onnx", "precision": "fp16", "flavour": "reference",
+                        "backends": ["onnxruntime", "tensorrt"]},
+    "model.int8.onnx": {"format": "onnx", "precision": "int8", "flavour": "tensorrt",
+                        "backends": ["tensorrt"]},
+    "model.int8-cpu.onnx": {"format": "onnx", "precision": "int8", "flavour": "cpu",
+                            "backends": ["onnxruntime"]},
+}
+ENGINE_DIR = "engines"
+
+
+@contextlib.contextmanager
+def bundle_directory(final, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` when the block succeeds (and vanishes if not)."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise BundleError(f"{final} exists and is not a directory")
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"bundle directory {final} already exists (pass --overwrite to replace it)")
+    with atomic_directory(final, overwrite=overwrite) as tmp:
+        yield tmp
+
+
+def model_section(ckpt: dict, params: int, name: str | None = None, gflops_per_slice: float | None = None) -> dict:
+    section = {"name": name or f"{ckpt.get('task', 'model')}-{ckpt['arch']}", "arch": ckpt["arch"],
+               "role": ckpt.get("role"), "task": ckpt.get("task"), "num_classes": int(ckpt["num_classes"]),
+               "class_names": list(ckpt["class_names"]), "params": int(params)}
+    if gflops_per_slice is not None:
+        section["gflops_per_slice"] = float(gflops_per_slice)
+    return section
+
+
+def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
+    """The checkpoint's preprocessing, with the contract's defaults filled in."""
+    pre = dict(ckpt["preprocessing"])
+    out = {"window": [float(v) for v in pre["window"]], "input_size": [int(v) for v in pre["input_size"]],
+           "orientation": pre.get("orientation", "RAS"), "slice_axis": pre.get("slice_axis", "axial"),
+           "normalisation": pre.get("normalisation", {"type": "window-linear", "range": [-1, 1]})}
+    if largest_component_labels is not None:
+        out["largest_component_labels"] = list(largest_component_labels)
+    return out
+
+
+def provenance_section(ckpt: dict, ckpt_path, package_version: str) -> dict:
+    """Where the model came from: the checkpoint file, its teacher, KD terms and weights, data."""
+    src = dict(ckpt.get("provenance") or {})
+    teacher = src.get("teacher")
+    out = {"checkpoint": {"path": str(Path(ckpt_path).resolve()), "sha256": sha256_file(ckpt_path)},
+           "teacher": teacher, "kd": list(src.get("kd") or []),
+           "alpha": src.get("alpha"), "beta1": src.get("beta1"), "beta2": src.get("beta2"),
+           "temperature": src.get("temperature"), "data": src.get("data"), "seed": src.get("seed"),
+           "training_package_version": src.get("package_version"), "trained": src.get("date"),
+           "package_version": package_version,
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return out
+
+
+def onnx_entry(root, name: str, **extra) -> dict:
+    """Manifest entry of one of the ONNX files in ONNX_FILES (checksummed now)."""
+    if name not in ONNX_FILES:
+        raise BundleError(f"unknown bundle model file {name!r}")
+    fields = dict(ONNX_FILES[name])
+    fields.update(extra)
+    return file_entry(Path(root) / name, root, **fields)
+
+
+def engine_entry(root, engine_path, *, backend: str, precision: str, source: str, trt_version: str,
+                 compute_capability, max_batch: int) -> dict:
+    """Manifest entry of a TensorRT / TensorRT-RTX engine under engines/."""
+    fmt = "tensorrt-rtx-engine" if backend == "tensorrt-rtx" else "tensorrt-engine"
+    return file_entry(engine_path, root, format=fmt, precision=precision, backends=[backend],
+                      trt_version=str(trt_version), compute_capability=compute_capability,
+                      max_batch=int(max_batch), source=source)
+
+
+def write_bundle_manifest(root, *, model: dict, preprocessing: dict, files: list, metrics: dict,
+                          provenance: dict, max_batch: int, extra: dict | None = None) -> dict:
+    """Build the manifest, validate it with the SDK's schema and write it atomically; returns it."""
+    manifest = {"format_version": FORMAT_VERSION, "model": model, "preprocessing": preprocessing,
+                "io": {"input": "image", "output": "logits", "max_batch": int(max_batch)},
+                "files": files, "metrics": metrics, "provenance": provenance}
+    manifest.update(extra or {})
+    write_manifest(root, manifest)
+    return manifest

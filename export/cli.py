@@ -1,0 +1,103 @@
+"""`regionkd-export`: one command from a checkpoint to a model bundle the SDK runs anywhere."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from regionkd.sdk.cli_common import run_cli
+
+from .pipeline import ENGINE_MODES, ExportOptions, export_bundle, parse_precisions, planned_steps
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def summary_table(manifest: dict, seconds: float) -> str:
+    """Files, sizes, parity, CPU latency and Dice per file, and the time taken."""
+    metrics = manifest.get("metrics", {})
+    classes = manifest["model"]["class_names"][1:]
+    by_file = {}
+    for m in metrics.values():
+        for sub in [m] + list((m.get("flavours") or {}).values()) + \
+                ([m["cpu_flavour_not_shipped"]] if "cpu_flavour_not_shipped" in m else []):
+            by_file[sub["file"]] = sub
+    head = ["file", "precision", "backends", "size", "max|dlogit|", "argmax agree", "CPU ms/slice"] + \
+        [f"Dice {c}" for c in classes]
+    rows = []
+    for e in manifest["files"]:
+        m = by_file.get(e["path"], {})
+        par = m.get("parity") or {}
+        lat = (m.get("cpu_latency_ms") or {}).get("median_ms")
+        dice = m.get("dice") or {}
+        rows.append([e["path"], e["precision"], ",".join(e["backends"]), _mb(e["bytes"]),
+                     f"{par['max_abs_logit_diff']:.2e}" if par else "-",
+                     f"{par['argmax_agreement']:.5f}" if par else "-",
+                     f"{lat:.2f}" if lat is not None else "-"] +
+                    [f"{dice[c]:.4f}" if dice.get(c) is not None else "-" for c in classes])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] +
+                     [f"bundle written in {seconds:.1f} s"])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle directory to write (written to a temporary directory, renamed into place at the end).")
+@click.option("--precision", "precision", default="fp32,fp16,int8", show_default=True,
+              help="Comma-separated precisions among fp32, fp16, int8 (fp32 is always included: it is the reference).")
+@click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset directory with CT volumes and labels for INT8 calibration (required for int8).")
+@click.option("--calib-slices", default=200, show_default=True, type=click.IntRange(1),
+              help="Number of calibration slices, stratified so that lesion slices are included.")
+@click.option("--val", type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset directory of validation volumes: per-class Dice of every precision, and the --max-dice-drop gate.")
+@click.option("--engine", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
+              help="auto: build every TensorRT / TensorRT-RTX engine possible here and say what was skipped; "
+                   "require: fail if none could be built; never: ONNX only.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
+              help="Largest batch of slices the engines' optimisation profile accepts (1..B).")
+@click.option("--max-dice-drop", default=0.01, show_default=True, type=click.FloatRange(0.0),
+              help="Largest allowed per-class Dice loss (absolute) of fp16/int8 against fp32; more refuses the export.")
+@click.option("--name", default=None, help="Model name in the manifest (default: <task>-<arch>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, messages or summary; errors only.")
+def export_command(checkpoint, out, precision, calib, calib_slices, val, engine, max_batch, max_dice_drop,
+                   name, overwrite, quiet):
+    """Export the network in CHECKPOINT to a model bundle: fp32/fp16/int8 ONNX, TensorRT engines, manifest.json."""
+    from tqdm import tqdm
+
+    opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=parse_precisions(precision), calib=calib,
+                         calib_slices=calib_slices, val=val, engine=engine, max_batch=max_batch,
+                         max_dice_drop=max_dice_drop, overwrite=overwrite, name=name)
+    bar = tqdm(total=planned_steps(opts), unit="step", disable=quiet,
+               bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} steps [{elapsed}]")
+    started = [False]
+
+    def progress(step_name):
+        if started[0]:
+            bar.update(1)
+        started[0] = True
+        bar.set_description_str(step_name.ljust(34))
+
+    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg))
+    try:
+        result = export_bundle(opts, log=log, progress=progress)
+        bar.update(1)
+        bar.set_description_str("done".ljust(34))
+    finally:
+        bar.close()
+    if not quiet:
+        click.echo(summary_table(result.manifest, result.seconds))
+        click.echo(f"bundle: {result.bundle}")
+    return 0
+
+
+def main(argv=None) -> None:
+    run_cli(export_command, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""`Segmenter`: one call from a CT volume to a label mask with the input's geometry.
+
+Pipeline (from the bundle's manifest, identical to training through `regionkd.sdk.preprocess`):
+closest canonical RAS orientation -> axial slices -> HU window to [-1, 1] -> resize to the
+network size -> batched inference -> logits resized back -> argmax -> largest connected component
+per organ class (see `regionkd.sdk.postprocess`) -> mask back into the input's own voxel order,
+written as uint8 with the input's affine and qform/sform codes.
+
+Threads: one Segmenter may serve several threads. Nothing per volume is stored on the object, and
+a backend that is not thread-safe (TensorRT: one execution context and stream) is serialised with
+a lock, so concurrent calls are correct; for parallel GPU throughput create one Segmenter per
+thread. Memory stays flat: slices are processed batch by batch and nothing is cached per volume.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .errors import InputError
+from .mask_io import check_output_path, mask_image, write_mask
+from .orientation import to_canonical
+from .postprocess import keep_largest_components
+from .preprocess import logits_to_labels, preprocess_slices, slices_to_volume, volume_to_slices
+from .timing import StageTimer
+
+LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "metastasis")
+
+
+@dataclass
+class SegmentationResult:
+    mask: nib.Nifti1Image            # uint8, the input's voxel order and affine
+    timings: dict                    # ms per stage: load, preprocess, inference, postprocess, write, total (+ gpu)
+    class_names: list = field(default_factory=list)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.timings.get("slices", 0))
+
+
+def default_organ_labels(class_names) -> list[int]:
+    """Organ classes when the manifest does not say: every non-background class that is not a lesion."""
+    return [i for i, name in enumerate(class_names)
+            if i > 0 and not any(word in name.lower() for word in LESION_WORDS)]
+
+
+def image_to_hu(image, name: str = "image") -> np.ndarray:
+    """float32 voxels of an in-memory nibabel image, validated like a file (3D, finite, usable affine)."""
+    if not isinstance(image, nib.spatialimages.SpatialImage):
+        raise InputError(f"{name}: expected a nibabel image, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    squeeze = len(shape) == 4 and shape[3] == 1        # same rule as volume_io.read_nifti
+    if len(shape) != 3 and not squeeze:
+        raise InputError(f"{name}: expected a 3D CT volume, got shape {shape} ({len(shape)}D)")
+    if min(shape) < 1:
+        raise InputError(f"{name}: empty volume of shape {shape}")
+    validate_affine(image.affine, name)
+    dataobj = image.dataobj
+    data = dataobj.get_scaled(np.float32) if hasattr(dataobj, "get_scaled") else np.asarray(dataobj, dtype=np.float32)
+    if squeeze:
+        data = data[..., 0]
+    check_finite(data, name)
+    return data
+
+
+def validate_affine(affine, name: str) -> None:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: the affine is missing, singular or not finite; cannot orient the volume")
+
+
+def check_finite(data: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(data)):
+        bad_nan, bad_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        raise InputError(f"{name}: {bad_nan} NaN and {bad_inf} infinite voxels; refusing to segment")
+
+
+class Segmenter:
+    """Segment CT volumes with a bundle. `backend`: auto | onnxruntime | tensorrt | tensorrt-rtx."""
+
+    def __init__(self, bundle, backend: str = "auto", precision: str = "fp32", batch_size: int | None = None,
+                 threads: int | None = None, largest_component: bool = True):
+        from .backends import create_backend
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        prep = self.bundle.preprocessing
+        organ_labels = prep.get("largest_component_labels", default_organ_labels(self.bundle.class_names))
+        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size)
+        self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else [], batch_size)
+
+    @classmethod
+    def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None):
+        """A Segmenter over any object with `run(batch)` (e.g. a PyTorch model adapter in regionkd-bench)."""
+        self = cls.__new__(cls)
+        self.bundle = None
+        if organ_labels is None:
+            organ_labels = preprocessing.get("largest_component_labels", default_organ_labels(class_names))
+        self._setup(backend, preprocessing, class_names, organ_labels, batch_size)
+        return self
+
+    def _setup(self, backend, preprocessing, class_names, organ_labels, batch_size):
+        self.backend = backend
+        self.window = [float(v) for v in preprocessing["window"]]
+        self.input_size = tuple(int(v) for v in preprocessing["input_size"])
+        self.class_names = list(class_names)
+        self.organ_labels = list(organ_labels)
+        self.batch_size = int(batch_size or getattr(backend, "max_batch", None) or 16)
+        self._lock = None if getattr(backend, "thread_safe", False) else threading.Lock()
+
+    @property
+    def model_size_bytes(self) -> int:
+        """Size of the model file the backend runs (ONNX or engine)."""
+        path = getattr(self.backend, "model_path", None)
+        return int(os.path.getsize(path)) if path else 0
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        if self._lock is None:
+            return self.backend.run(batch)
+        with self._lock:
+            return self.backend.run(batch)
+
+    def segment(self, image, name: str = "image") -> SegmentationResult:
+        """Segment an in-memory nibabel image; the mask has the image's shape, voxel order and affine."""
+        timer = StageTimer()
+        with timer.stage("load"):
+            data = image_to_hu(image, name)
+        return self._segment_array(data, image.affine, image.header, timer, name)
+
+    def _segment_array(self, data, affine, header, timer: StageTimer, name: str) -> SegmentationResult:
+        with timer.stage("preprocess"):
+            canonical = to_canonical(data, affine)
+            hu_slices = volume_to_slices(canonical.data)           # (z, x, y), a view
+        z, x, y = hu_slices.shape
+        labels = np.empty((z, x, y), dtype=np.uint8)
+        gpu_ms = None
+        for start in range(0, z, self.batch_size):
+            stop = min(start + self.batch_size, z)
+            with timer.stage("preprocess"):
+                batch = preprocess_slices(hu_slices[start:stop], self.window, self.input_size)
+            with timer.stage("inference"):
+                logits = self._infer(batch)
+            last = getattr(self.backend, "last_gpu_ms", None)
+            if last is not None:
+                gpu_ms = (gpu_ms or 0.0) + float(last)
+            with timer.stage("postprocess"):
+                labels[start:stop] = logits_to_labels(logits, (x, y))
+        with timer.stage("postprocess"):
+            volume = slices_to_volume(labels)
+            volume = keep_largest_components(volume, self.organ_labels, len(self.class_names))
+            mask = mask_image(canonical.to_original(volume), affine, header, self.class_names)
+        timings = timer.as_dict()
+        timings["slices"] = z
+        if gpu_ms is not None:
+            timings["gpu"] = gpu_ms
+        return SegmentationResult(mask=mask, timings=timings, class_names=self.class_names)
+
+    def segment_file(self, input_path, output_path) -> SegmentationResult:
+        """Read a NIfTI file (or a DICOM series folder), segment it, write the mask atomically."""
+        input_path, output_path = Path(input_path), check_output_path(output_path)
+        if output_path.resolve() == input_path.resolve():
+            raise InputError(f"output {output_path} is the input file; refusing to overwrite it")
+        timer = StageTimer()
+        with timer.stage("load"):
+            if input_path.is_dir():
+                from .dicom_io import read_dicom_series
+                image = read_dicom_series(input_path)
+                data, affine, header = image_to_hu(image, str(input_path)), image.affine, image.header
+            else:
+                from .volume_io import read_nifti
+                vol = read_nifti(input_path, kind="image")
+                data, affine, header = np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header
+        result = self._segment_array(data, affine, header, timer, str(input_path))
+        del data
+        with timer.stage("write"):
+            write_mask(result.mask, output_path)
+        result.timings.update({k: v for k, v in timer.as_dict().items()})
+        return result
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

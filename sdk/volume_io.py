@@ -1,0 +1,170 @@
+"""Read NIfTI CT volumes and label maps with validation, and write NIfTI files atomically.
+
+Every problem with an input becomes an `InputError` that names the file and says what is
+wrong, so a scanner integration or a training run fails with a line a person can act on
+instead of a nibabel traceback (or, worse, silently segments garbage). The voxel data is
+actually read here, because a truncated or corrupt file often only fails at that point.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import InputError
+from .orientation import CanonicalVolume, to_canonical
+
+KINDS = ("image", "label")
+
+
+@dataclass
+class NiftiVolume:
+    """A validated 3D NIfTI volume in the file's own voxel order."""
+
+    path: Path
+    data: np.ndarray          # float32 HU for images; uint8/int16/int32 for labels
+    affine: np.ndarray        # float64 4x4, voxel -> world (RAS mm)
+    header: object            # nibabel header, kept to write masks with the same geometry
+    kind: str = "image"
+    _canonical: CanonicalVolume | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the file's own axes."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    def canonical(self) -> CanonicalVolume:
+        """The volume in closest-canonical RAS+ order (computed once, then cached)."""
+        if self._canonical is None:
+            self._canonical = to_canonical(self.data, self.affine)
+        return self._canonical
+
+
+def _load_image(path: Path):
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as exc:
+        raise InputError(f"{path}: not a NIfTI file ({exc})") from exc
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    return img
+
+
+def _read_voxels(img, path: Path, kind: str) -> np.ndarray:
+    """Read all voxel data; truncated files and broken gzip streams fail here."""
+    try:
+        if kind == "image":
+            return img.get_fdata(dtype=np.float32)
+        return np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InputError(f"{path}: truncated or corrupt voxel data ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_shape(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim < 3:
+        raise InputError(f"{path}: a {data.ndim}D image of shape {data.shape}; a 3D CT volume is needed")
+    if data.ndim > 3:
+        raise InputError(f"{path}: a {data.ndim}D image of shape {data.shape}; a 3D CT volume is needed "
+                         "(only a trailing axis of length 1 can be dropped)")
+    if min(data.shape) < 1:
+        raise InputError(f"{path}: empty image of shape {data.shape}")
+    return data
+
+
+def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: the affine (voxel-to-world matrix) has non-finite entries:\n{affine}")
+    det = np.linalg.det(affine[:3, :3])
+    if not abs(det) > 1e-9:
+        raise InputError(f"{path}: the affine (voxel-to-world matrix) is singular (determinant {det:g}):\n{affine}")
+    return affine
+
+
+def _labels_as_integers(data: np.ndarray, path: Path) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
+        values = data
+    else:
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"{path}: label map has NaN or infinite values")
+        rounded = np.rint(data)
+        bad = rounded != data
+        if bad.any():
+            example = data[bad].flat[0]
+            raise InputError(f"{path}: label map has non-integer values (e.g. {example!r}); "
+                             "labels must be whole numbers")
+        values = rounded
+    lo, hi = int(values.min()), int(values.max())
+    if lo >= 0 and hi <= 255:
+        return values.astype(np.uint8, copy=False)
+    if -32768 <= lo and hi <= 32767:
+        return values.astype(np.int16, copy=False)
+    return values.astype(np.int32, copy=False)
+
+
+def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
+    """Read and validate a 3D NIfTI file (.nii or .nii.gz).
+
+    kind="image": voxels as float32 HU (scl_slope/inter applied), all finite.
+    kind="label": integer-valued voxels as an integer array (uint8 when they fit).
+    Raises InputError naming the file for anything that cannot be segmented as given.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a NIfTI file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty (0 bytes)")
+    img = _load_image(path)
+    data = _check_shape(_read_voxels(img, path, kind), path)
+    affine = _check_affine(img.affine, path)
+    if kind == "image":
+        if not np.all(np.isfinite(data)):
+            n_bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise InputError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
+    else:
+        data = _labels_as_integers(data, path)
+    return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind)
+
+
+def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
+    """Write `data` as NIfTI-1 (.nii or .nii.gz from the name) atomically, with sform and qform
+    both set to `affine`. The array's dtype is stored as is (no scaling)."""
+    path = Path(path)
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64),
+                          header=header.copy() if header is not None else None)
+    img.header.set_data_dtype(np.asarray(data).dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, like: NiftiVolume) -> Path:
+    """Write a uint8 mask in `like`'s voxel order with `like`'s affine and header geometry."""
+    mask = np.asarray(mask)
+    if mask.shape != like.data.shape:
+        raise InputError(f"{path}: mask shape {mask.shape} does not match {like.path} ({like.data.shape})")
+    header = like.header.copy()
+    header.set_data_shape(mask.shape)
+    return write_nifti(path, mask.astype(np.uint8, copy=False), like.affine, header=header)

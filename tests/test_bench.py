@@ -1,0 +1,124 @@
+"""regionkd-bench: latency statistics, stage breakdown, sizes, JSON report, PyTorch checkpoints."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from regionkd.sdk.cli_bench import format_table, main, percentile, synthetic_ct
+from regionkd.sdk.timing import STAGES
+
+
+def run(argv, capsys):
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_percentile_is_numpy_linear():
+    assert percentile([10, 20, 30, 40, 50], 95) == pytest.approx(48.0)   # 40 + 0.8 * 10
+    assert percentile([7.0], 95) == 7.0
+
+
+def test_synthetic_ct_has_body_liver_and_tumour():
+    data, affine = synthetic_ct((40, 40, 8))
+    assert data.dtype == np.int16 and data.shape == (40, 40, 8)
+    assert (data < -800).any() and (data > 70).any()
+    assert np.allclose(np.diag(affine)[:3], [0.75, 0.75, 2.5])
+
+
+def test_bench_reports_every_precision_with_stage_breakdown(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run([tiny_bundle, "--shape", "24,24,6", "--repeat", "3", "--warmup", "1",
+                           "--json", out, "--quiet"], capsys)
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["backend"], r["precision"]) for r in rows] == [("onnxruntime", p) for p in ("fp32", "fp16", "int8")]
+    assert {r["model_file"] for r in rows} == {"model.fp32.onnx", "model.fp16.onnx", "model.int8-cpu.onnx"}
+    assert report["volume"] == {"source": "synthetic", "shape": [24, 24, 6]}
+    for r in rows:
+        assert r["status"] == "ok" and r["slices"] == 6 and r["repeat"] == 3 and r["params"] == 6
+        assert r["size_bytes"] == (tiny_bundle / r["model_file"]).stat().st_size
+        assert r["min_ms"] <= r["median_ms"] <= r["p95_ms"]
+        stages = r["stages_median_ms"]
+        assert set(stages) == set(STAGES) and all(v > 0 for v in stages.values())
+        share = 1 - stages["inference"] / r["median_ms"]
+        assert r["outside_inference_share"] == pytest.approx(share)
+        assert r["slices_per_s"] == pytest.approx(6 / (r["median_ms"] / 1000))
+        assert r["peak_rss_mb"] > 10 and r["traced_peak_mb"] > 0
+    for name in ("tiny-threshold", "fp16", "model", "median ms", "outside %"):
+        assert name in stdout
+
+
+def test_bench_on_a_given_volume_and_unavailable_backend_is_skipped(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run([tiny_bundle, "--volume", phantom_nifti, "--backends", "onnxruntime,tensorrt",
+                           "--precisions", "fp32", "--repeat", "2", "--json", out, "--quiet"], capsys)
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert json.loads(out.read_text())["volume"]["shape"] == [40, 36, 12]
+    assert rows[0]["status"] == "ok" and rows[0]["slices"] == 12
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert rows[1]["status"] == "skipped" and "tensorrt" in rows[1]["reason"]
+        assert "skipped" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "openvino"], "openvino"),
+    (["--precisions", "fp8"], "fp8"),
+    (["--shape", "10,10"], "--shape"),
+])
+def test_bad_options_are_named(tiny_bundle, capsys, args, message):
+    code, _, err = run([tiny_bundle, *args, "--quiet"], capsys)
+    assert code == 2 and message in err
+
+
+def test_only_unavailable_backends_fail(tiny_bundle, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; the GPU tests cover this backend")
+    except ImportError:
+        pass
+    code, _, err = run([tiny_bundle, "--backends", "tensorrt", "--shape", "8,8,2", "--quiet"], capsys)
+    assert code == 1 and "nothing could be benchmarked" in err
+
+
+def test_format_table_lists_skipped_rows():
+    row = {"model": "m", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "median_ms": 10.0,
+           "p95_ms": 12.0, "stages_median_ms": dict.fromkeys(STAGES, 2.0), "outside_inference_share": 0.8,
+           "slices_per_s": 100.0, "size_bytes": 2_000_000, "params": 1234, "peak_rss_mb": 50.0}
+    skipped = {"model": "m", "backend": "tensorrt", "precision": "int8", "status": "skipped", "reason": "no GPU"}
+    table = format_table([row, skipped]).splitlines()
+    assert "10.0" in table[2] and "80.0" in table[2] and "2.000" in table[2] and "1,234" in table[2]
+    assert "skipped: no GPU" in table[3]
+
+
+def test_torch_checkpoint_is_timed_side_by_side(tiny_bundle, tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
+    checkpoint = pytest.importorskip("regionkd.train.checkpoint", reason="regionkd.train.checkpoint not available")
+    models = pytest.importorskip("regionkd.train.models", reason="regionkd.train.models not available")
+    model = models.create_model("tinynet", num_classes=3)
+    ckpt = {"arch": "tinynet", "role": "student", "num_classes": 3, "class_names": ["background", "liver", "tumour"],
+            "task": "liver", "model_state": model.state_dict(),
+            "preprocessing": {"window": [-60, 140], "input_size": [32, 32], "orientation": "RAS",
+                              "slice_axis": "axial"}}
+    path = checkpoint.save_checkpoint(tmp_path / "student.pt", ckpt)
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run([tiny_bundle, "--shape", "24,24,4", "--precisions", "fp32", "--repeat", "2",
+                           "--torch-checkpoint", path, "--threads", "1", "--json", out, "--quiet"], capsys)
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["onnxruntime", "pytorch"]
+    torch_row = rows[1]
+    assert torch_row["status"] == "ok" and torch_row["slices"] == 4
+    assert torch_row["params"] == sum(p.numel() for p in model.parameters())
+    assert torch_row["size_bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert "tinynet (student)" in stdout

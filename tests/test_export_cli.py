@@ -1,0 +1,175 @@
+"""`regionkd-export` end to end: a tiny TinyNet checkpoint trained for a few seconds on hand-made
+phantoms written as a real LiTS-layout dataset (volume-N.nii / segmentation-N.nii), exported to a
+bundle that the SDK loads and runs; TensorRT-RTX engines for fp32, fp16 and int8 when
+tensorrt_rtx_bindings is installed (it builds on the CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+data_mod = pytest.importorskip("regionkd.train.data")
+if not hasattr(data_mod, "open_dataset"):
+    pytest.skip("regionkd.train.data.open_dataset (the dataset readers) is not available yet", allow_module_level=True)
+
+from conftest import LIVER, TUMOUR, make_phantom  # noqa: E402
+
+from regionkd.export.cli import main  # noqa: E402
+from regionkd.export.pipeline import ExportOptions, export_bundle  # noqa: E402
+from regionkd.sdk.bundle import load_bundle  # noqa: E402
+from regionkd.sdk.preprocess import preprocess_slices, resize_labels_nearest, volume_to_slices  # noqa: E402
+
+WINDOW = [-60.0, 140.0]
+SIZE = [32, 32]
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+
+
+def _labels(hu):
+    return np.where(hu == TUMOUR, 2, np.where(hu == LIVER, 1, 0)).astype(np.uint8)
+
+
+def _write_lits(root, shapes):
+    root.mkdir(parents=True)
+    for i, shape in enumerate(shapes):
+        hu, affine = make_phantom(shape=shape, with_distractor=False)
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(root / f"volume-{i}.nii"))
+        nib.save(nib.Nifti1Image(_labels(hu), affine), str(root / f"segmentation-{i}.nii"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ct")
+    calib = _write_lits(d / "calib", [(40, 36, 12), (44, 40, 10), (36, 40, 12)])
+    val = _write_lits(d / "val", [(40, 40, 14), (42, 38, 12)])
+    return calib, val
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, tmp_path_factory):
+    """TinyNet fitted for ~200 steps on the calibration phantoms (seconds on one core)."""
+    from regionkd.train.checkpoint import save_checkpoint
+    from regionkd.train.models import create_model
+
+    torch.manual_seed(0)
+    images, labels = [], []
+    for i in range(3):
+        vol = nib.load(str(data[0] / f"volume-{i}.nii"))
+        hu = np.asarray(vol.dataobj, np.float32)  # phantoms are written in RAS order already
+        images.append(preprocess_slices(volume_to_slices(hu), WINDOW, SIZE))
+        labels.append(resize_labels_nearest(volume_to_slices(_labels(hu)), SIZE))
+    x = torch.from_numpy(np.concatenate(images))
+    y = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    model = create_model("tinynet", num_classes=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    weights = torch.tensor([0.2, 1.0, 3.0])
+    model.train()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y, weight=weights)
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    save_checkpoint(path, {
+        "arch": "tinynet", "role": "student", "num_classes": 3, "class_names": ["background", "liver", "tumour"],
+        "task": "liver", "model_state": model.state_dict(),
+        "preprocessing": {"window": WINDOW, "input_size": SIZE, "orientation": "RAS", "slice_axis": "axial",
+                          "normalisation": {"type": "window-linear", "range": [-1, 1]}},
+        "provenance": {"teacher": None, "kd": [], "alpha": 0.1, "beta1": 0.9, "beta2": 0.9, "temperature": 4.0,
+                       "data": "test phantoms", "seed": 0, "package_version": "test", "date": "today"},
+        "metrics": {}, "config": {}, "train_state": {}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(data, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "bundle"
+    main([str(checkpoint), "--out", str(out), "--precision", "fp32,fp16,int8", "--calib", str(data[0]),
+          "--calib-slices", "24", "--val", str(data[1]), "--engine", "auto", "--max-batch", "4"])  # exits only on error
+    return out
+
+
+def test_bundle_loads_and_lists_every_precision(exported):
+    bundle = load_bundle(exported)
+    m = bundle.manifest
+    names = {e["path"]: e for e in m["files"]}
+    assert {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"} <= set(names)
+    assert m["model"]["arch"] == "tinynet" and m["model"]["params"] > 1000
+    assert m["preprocessing"]["window"] == WINDOW and m["preprocessing"]["input_size"] == SIZE
+    assert m["io"] == {"input": "image", "output": "logits", "max_batch": 4}
+    assert names["model.int8.onnx"]["flavour"] == "tensorrt"
+    # the onnxruntime INT8 file is whichever flavour measured faster here
+    cpu_int8 = bundle.select_file("int8", "onnxruntime")
+    assert cpu_int8["path"] in ("model.int8-cpu.onnx", "model.int8.onnx")
+    assert m["provenance"]["checkpoint"]["sha256"] and m["provenance"]["kd"] == []
+    assert m["calibration"]["slices"] == 24 and m["calibration"]["strata"]["lesion"] > 0
+    assert (exported / "calibration.json").is_file()
+    # smaller than fp32 even for a 30 k-param net, where per-channel scales and Q/DQ node names weigh
+    # (the <= 30% bound for a net with weights that dominate is in test_export.py)
+    assert names["model.int8.onnx"]["bytes"] < names["model.fp32.onnx"]["bytes"]
+
+
+def test_metrics_parity_and_dice_within_the_gate(exported):
+    metrics = json.loads((exported / "manifest.json").read_text())["metrics"]
+    assert metrics["fp32"]["parity"]["max_abs_logit_diff"] < 1e-3
+    assert metrics["fp32"]["parity"]["argmax_agreement"] > 0.999
+    ref = metrics["fp32"]["dice"]
+    assert ref["liver"] > 0.8, "the tiny model should have learnt the phantom's liver"
+    for p in ("fp16", "int8"):
+        for cls, d in metrics[p]["dice"].items():
+            if ref[cls] is not None:
+                assert ref[cls] - d <= 0.01 + 1e-9, (p, cls, ref[cls], d)
+        assert metrics[p]["cpu_latency_ms"]["median_ms"] > 0
+
+
+def test_bundle_runs_in_the_sdk_onnxruntime_backend(exported):
+    from regionkd.sdk.backends import create_backend
+
+    bundle = load_bundle(exported)
+    x = np.zeros((2, 1, *SIZE), np.float32)
+    for precision in ("fp32", "fp16", "int8"):
+        backend = create_backend("onnxruntime", bundle, precision)
+        try:
+            assert backend.run(x).shape == (2, 3, *SIZE)
+        finally:
+            backend.close()
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx_bindings is not installed (pip install 'regionkd[tensorrt-rtx]')")
+def test_tensorrt_rtx_engines_built_for_every_precision(exported):
+    bundle = load_bundle(exported)
+    engines = [e for e in bundle.files if e.get("format") == "tensorrt-rtx-engine"]
+    assert sorted(e["precision"] for e in engines) == ["fp16", "fp32", "int8"]
+    by_precision = {e["precision"]: e for e in engines}
+    assert by_precision["int8"]["source"] == "model.int8.onnx"
+    for e in engines:
+        assert e["path"].startswith("engines/rtx") and e["backends"] == ["tensorrt-rtx"]
+        assert e["bytes"] > 0 and e["max_batch"] == 4
+
+
+def test_interrupted_export_leaves_no_half_bundle(data, checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+
+    def stop_at_quantization(step):
+        if step.startswith("quantize int8"):
+            raise KeyboardInterrupt
+
+    opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=("fp32", "fp16", "int8"), calib=data[0],
+                         calib_slices=8, engine="never")
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(opts, log=lambda m: None, progress=stop_at_quantization)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_without_calibration_data_is_refused(checkpoint, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main([str(checkpoint), "--out", str(tmp_path / "b"), "--precision", "int8", "--val", str(data[1]),
+              "--engine", "never", "--quiet"])
+    assert err.value.code == 1
+    assert "--calib" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,102 @@
+"""Training checkpoints, format `regionkd-checkpoint/1` (docs/ARCHITECTURE.md).
+
+A checkpoint is a `torch.save`d dict of plain types only, so it loads with
+`torch.load(weights_only=True)`: no pickled classes are ever executed when a checkpoint is read.
+It is written atomically, so a run killed while saving leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from regionkd.sdk.atomic import atomic_path
+from regionkd.sdk.errors import InputError, require
+
+FORMAT = "regionkd-checkpoint/1"
+REQUIRED_KEYS = ("format", "arch", "role", "num_classes", "class_names", "task", "preprocessing", "model_state")
+ROLES = ("teacher", "student")
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that is missing, corrupt, of an unknown format or inconsistent."""
+
+
+def log_path_for(ckpt_path: str | os.PathLike) -> Path:
+    """The JSON-lines training log that lives beside a checkpoint: `teacher.pt` -> `teacher.log.jsonl`."""
+    p = Path(ckpt_path)
+    return p.with_name(p.stem + ".log.jsonl")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
+    """Validate `ckpt` and write it atomically (temp file + rename) to `path`."""
+    torch = require("torch", extra="train", purpose="writing checkpoints")
+    ckpt = dict(ckpt)
+    ckpt.setdefault("format", FORMAT)
+    _validate(ckpt, Path(path))
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint with `weights_only=True`; CheckpointError naming the file and the problem."""
+    torch = require("torch", extra="train", purpose="reading checkpoints")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: file is empty")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF errors differ by torch version; all mean "not readable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: not a readable regionkd checkpoint "
+                              f"(corrupt, truncated or not a weights-only torch file): {first}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    _validate(ckpt, path)
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """Rebuild the network a checkpoint describes, load its weights; returns (model in eval mode, ckpt)."""
+    from regionkd.train.models import create_model
+
+    ckpt = load_checkpoint(path)
+    try:
+        model = create_model(ckpt["arch"], num_classes=int(ckpt["num_classes"]))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+    try:
+        model.load_state_dict(ckpt["model_state"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit architecture "
+                              f"{ckpt['arch']!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+    return model, ckpt
+
+
+def _validate(ckpt: dict, path: Path) -> None:
+    fmt = ckpt.get("format")
+    if fmt != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format {fmt!r} (this version reads {FORMAT!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing keys {missing}")
+    if ckpt["role"] not in ROLES:
+        raise CheckpointError(f"checkpoint {path}: role must be one of {ROLES}, got {ckpt['role']!r}")
+    if len(ckpt["class_names"]) != int(ckpt["num_classes"]):
+        raise CheckpointError(f"checkpoint {path}: {len(ckpt['class_names'])} class names for "
+                              f"num_classes={ckpt['num_classes']}")
+    pre = ckpt["preprocessing"]
+    if not isinstance(pre, dict) or "window" not in pre or "input_size" not in pre:
+        raise CheckpointError(f"checkpoint {path}: preprocessing must hold 'window' and 'input_size'")

@@ -1,0 +1,122 @@
+"""`regionkd-train teacher | student | distill | evaluate`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .config import FEATURE_LEVELS, KD_TERMS, PRESETS
+
+PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
+                                                 ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))
+                        for name, p in PRESETS.items())
+
+
+def shared_training_options(fn):
+    """Options every training command takes; an option left out keeps the preset's value."""
+    options = [
+        click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+                     help="Dataset root (LiTS, KiTS19 or MSD layout, or phantoms)."),
+        click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+                     help="Checkpoint to write (every epoch and at the end); the log goes beside it as <stem>.log.jsonl."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
+                     help=f"Starting values for the options below ({PRESET_HELP})."),
+        click.option("--epochs", type=int, help="Epochs (an epoch: samples_per_epoch slices, lesion-oversampled)."),
+        click.option("--max-steps", type=int, help="Hard cap on optimiser steps (the lr schedule is unchanged)."),
+        click.option("--batch-size", type=int, help="Slices per step (per process under torchrun)."),
+        click.option("--input-size", type=int, help="Square network input size in pixels (multiple of 32)."),
+        click.option("--lr", type=float, help="Adam learning rate (cosine decay to 0 over all epochs)."),
+        click.option("--samples-per-epoch", type=int, help="Slices per epoch (default: preset, or the training split's size)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed: a CPU run is repeatable."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
+        click.option("--no-amp", is_flag=True, help="Disable mixed precision (only used on CUDA anyway)."),
+        click.option("--resume", is_flag=True, help="Continue from --out if it exists (same options required)."),
+        click.option("--cache-dir", type=click.Path(path_type=Path),
+                     help="Slice cache directory (default: slice-cache-<size> beside --out)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _run(mode: str, arch: str, opts: dict, **extra) -> None:
+    from .config import make_config
+    from .trainer import train
+
+    quiet = opts["quiet"]
+    cfg = make_config(
+        mode, arch, opts["data"], opts["out"], preset=opts["preset"], epochs=opts["epochs"],
+        max_steps=opts["max_steps"], batch_size=opts["batch_size"], input_size=opts["input_size"], lr=opts["lr"],
+        samples_per_epoch=opts["samples_per_epoch"], seed=opts["seed"], device=opts["device"],
+        workers=opts["workers"], amp=not opts["no_amp"], resume=opts["resume"],
+        cache_dir=str(opts["cache_dir"]) if opts["cache_dir"] else None, quiet=quiet, **extra)
+    summary = train(cfg)
+    if not quiet and summary.get("rank", 0) == 0:
+        dice = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in summary["val_dice"].items())
+        click.echo(f"{mode} {arch}: {summary['steps']} steps in {summary['seconds']:.1f} s "
+                   f"({summary['step_s_median']} s/step); validation Dice: {dice or 'no validation cases'}")
+        click.echo(f"checkpoint: {summary['out']}\nlog: {summary['log']}")
+
+
+@click.command()
+@shared_training_options
+@click.option("--arch", default="raunet", show_default=True, help="Teacher network (registry name).")
+def teacher(arch, **opts):
+    """Train the teacher network (RAUNet by default) on a CT dataset."""
+    _run("teacher", arch, opts)
+
+
+@click.command()
+@shared_training_options
+@click.option("--arch", required=True, help="Student network (registry name: enet, mobilenetv2, resnet18, espnet, ...).")
+def student(arch, **opts):
+    """Train a student without distillation (the baseline)."""
+    _run("student", arch, opts)
+
+
+@click.command()
+@shared_training_options
+@click.option("--arch", required=True, help="Student network (registry name).")
+@click.option("--teacher", "teacher_ckpt", required=True, type=click.Path(path_type=Path),
+              help="Teacher checkpoint (same classes, HU window and input size).")
+@click.option("--kd", default=",".join(KD_TERMS), show_default=True,
+              help="Distillation terms, comma-separated: pmd (prediction maps), imd (importance maps), rad (region affinity).")
+@click.option("--kd-levels", default=",".join(FEATURE_LEVELS), show_default=True,
+              help="Feature levels IMD and RAD match (summed over levels).")
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Weight of PMD.")
+@click.option("--beta1", type=float, default=0.9, show_default=True, help="Weight of IMD.")
+@click.option("--beta2", type=float, default=0.9, show_default=True, help="Weight of RAD.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="PMD softmax temperature.")
+def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, **opts):
+    """Train a student with region-aware distillation from a frozen teacher:
+    L = L_seg + alpha*PMD + beta1*IMD + beta2*RAD."""
+    _run("distill", arch, opts, teacher=str(teacher_ckpt), kd=kd, kd_levels=kd_levels, alpha=alpha, beta1=beta1,
+         beta2=beta2, temperature=temperature)
+
+
+@click.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@click.option("--cases", help="Comma-separated case ids (default: the checkpoint's validation split).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per forward pass.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full result as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
+    """Segment each validation volume slice by slice and report Dice, VOE, RVD, ASSD and HD95 (mm)
+    per case and mean per class, in each file's own orientation and spacing."""
+    from regionkd.sdk.atomic import atomic_write_text
+
+    from .evaluate import evaluate_checkpoint, format_table
+    from .trainer import resolve_device
+
+    case_ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+    result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=str(resolve_device(device)),
+                                 batch_size=batch_size, progress=not quiet)
+    click.echo(format_table(result))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
