@@ -21,7 +21,7 @@ from pathlib import Path
 
 from regionkd.sdk.atomic import atomic_write_bytes
 from regionkd.sdk.backends.tensorrt_backend import ENGINE_FORMATS, gpu_compute_capability, import_trt, short_version
-from regionkd.sdk.errors import BackendError, InputError, MissingDependencyError
+from regionkd.sdk.errors import BackendError, InputError, MissingDependencyError, RegionKDError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,17 @@ def build_engine(onnx_path, engine_path, *, backend: str = "tensorrt", max_batch
     `engine_path`: a file ending in `.engine`, or a directory where the file gets `engine_filename(...)`.
     `timing_cache`: TensorRT only; default `<engine dir>/trt<version>-sm<cc>.timing-cache`, reused.
     `precision`: recorded in the name and manifest; by default read from the graph (Q/DQ, half tensors).
+    Raises regionkd errors only: the bindings' own exceptions become EngineBuildError naming the file.
     """
+    try:
+        return _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision)
+    except (RegionKDError, OSError):
+        raise
+    except Exception as exc:  # TypeError/RuntimeError/ValueError from the bindings
+        raise EngineBuildError(f"{onnx_path}: {backend} engine build failed: {exc}") from exc
+
+
+def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision) -> EngineInfo:
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: ONNX file not found")

@@ -138,11 +138,14 @@ def format_table(rows) -> str:
                       *(f"{st[s]:.1f}" for s in STAGES), f"{100 * r['outside_inference_share']:.1f}",
                       f"{r['slices_per_s']:.1f}", f"{r['size_bytes'] / 1e6:.3f}",
                       "-" if r.get("params") is None else f"{r['params']:,}", f"{r['peak_rss_mb']:.0f}"])
-    widths = [max(len(head[i]), *(len(l[i]) for l in lines if len(l) > 4)) if lines else len(head[i])
-              for i in range(len(head))]
-    fmt = lambda cells: " | ".join(c.ljust(widths[i]) if i < len(widths) else c for i, c in enumerate(cells))
+    full = [l for l in lines if len(l) == len(head)]
+    widths = [max([len(head[i])] + [len(l[i]) for l in full]) for i in range(len(head))]
+
+    def fmt(cells):
+        return " | ".join(c.ljust(widths[i]) for i, c in enumerate(cells))
+
     out = [fmt(head), "-+-".join("-" * w for w in widths)]
-    out += [fmt(l) if len(l) > 4 else " | ".join(l) for l in lines]
+    out += [fmt(l) if len(l) == len(head) else " | ".join(l) for l in lines]
     return "\n".join(out)
 
 

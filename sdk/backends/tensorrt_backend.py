@@ -207,7 +207,9 @@ def _rtx_runtime_cache_path(engine_path: Path, compute_capability: str) -> Path:
 def _rtx_check_engine(trt, runtime, blob: bytes, path: Path) -> None:
     """TensorRT-RTX says whether a plan suits this GPU before deserializing it."""
     validity, diagnostics = runtime.get_engine_validity(blob)
-    if validity != trt.EngineValidity.VALID:
+    if validity == trt.EngineValidity.SUBOPTIMAL:
+        log.warning("%s: TensorRT-RTX says this engine is suboptimal on this GPU (diagnostics %s)", path, diagnostics)
+    elif validity != trt.EngineValidity.VALID:
         raise BackendError(f"{path}: TensorRT-RTX cannot run this engine on this GPU ({validity.name}, "
                            f"diagnostics {diagnostics}); rebuild it with this TensorRT-RTX version")
 

@@ -23,26 +23,23 @@ class Grid:
     x: np.ndarray
     y: np.ndarray
     z: np.ndarray
+    spacing: tuple = (1.0, 1.0, 1.0)   # mm, exact (the float32 axes are rounded)
+    origin: tuple = (0.0, 0.0, 0.0)
 
     @classmethod
     def make(cls, shape, spacing, origin) -> "Grid":
-        axes = [np.float32(o) + np.float32(s) * np.arange(n, dtype=np.float32)
-                for n, s, o in zip(shape, spacing, origin)]
-        return cls(*axes)
+        axes = [(o + s * np.arange(n)).astype(np.float32) for n, s, o in zip(shape, spacing, origin)]
+        return cls(*axes, spacing=tuple(float(s) for s in spacing), origin=tuple(float(o) for o in origin))
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (len(self.x), len(self.y), len(self.z))
 
     @property
-    def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(a[1] - a[0]) if len(a) > 1 else 1.0 for a in (self.x, self.y, self.z))
-
-    @property
     def affine(self) -> np.ndarray:
         aff = np.eye(4)
         aff[:3, :3] = np.diag(self.spacing)
-        aff[:3, 3] = [float(self.x[0]), float(self.y[0]), float(self.z[0])]
+        aff[:3, 3] = self.origin
         return aff
 
     def box(self, lo, hi):
@@ -71,7 +68,8 @@ def smooth_field(rng: np.random.Generator, x, y, z, wavelength_mm: float) -> np.
     step = wavelength_mm / 4.0
     n = (len(x), len(y), len(z))
     extent = [float(a[-1] - a[0]) if len(a) > 1 else 0.0 for a in (x, y, z)]
-    counts = [max(3, int(np.ceil(e / step)) + 2) for e in extent]
+    # no point in a coarse grid finer than the voxels themselves
+    counts = [max(3, min(int(np.ceil(e / step)) + 2, n_i + 2)) for e, n_i in zip(extent, n)]
     coarse = ndimage.gaussian_filter(rng.standard_normal(counts), sigma=1.0, mode="reflect")
     coarse /= coarse.std() + 1e-12
     return upsample_separable(coarse, n)
@@ -80,11 +78,25 @@ def smooth_field(rng: np.random.Generator, x, y, z, wavelength_mm: float) -> np.
 def ellipse_sdf(xw, yw, cx, cy, a, b, angle=0.0):
     """Approximate signed distance (mm) to an in-plane ellipse (a z-extruded cylinder).
     cx, cy, a, b may be arrays broadcasting along z (shapes that change with height)."""
-    dx, dy = xw - cx, yw - cy
-    c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-    rx = (c * dx + s * dy) / a
-    ry = (c * dy - s * dx) / b
-    return (np.sqrt(rx * rx + ry * ry) - 1.0) * np.minimum(a, b)
+    inv_a = np.float32(1.0) / np.asarray(a, dtype=np.float32)
+    inv_b = np.float32(1.0) / np.asarray(b, dtype=np.float32)
+    if angle:
+        dx, dy = xw - cx, yw - cy
+        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        rx = (c * dx + s * dy) * inv_a
+        ry = (c * dy - s * dx) * inv_b
+    else:
+        rx = xw - np.float32(cx) if np.isscalar(cx) else xw - cx
+        rx *= inv_a
+        ry = yw - np.float32(cy) if np.isscalar(cy) else yw - cy
+        ry *= inv_b
+    rx *= rx
+    ry *= ry
+    rx += ry
+    np.sqrt(rx, out=rx)
+    rx -= 1.0
+    rx *= np.minimum(a, b).astype(np.float32) if not np.isscalar(a) else np.float32(min(a, b))
+    return rx
 
 
 def ellipsoid_sdf(xw, yw, zz, center, semi, angle=0.0, tilt=(0.0, 0.0)):
@@ -137,11 +149,15 @@ class Canvas:
         `edge` mm wide across f = 0 (default: one pixel, i.e. anti-aliased but sharp), and mark
         f < 0 as `tissue_id`. `where` (box-shaped bool) restricts both."""
         edge = self.pixel if edge is None else max(float(edge), 1e-3)
-        w = np.clip(0.5 - f / np.float32(edge), 0.0, 1.0)
+        w = f * np.float32(-1.0 / edge)
+        w += np.float32(0.5)
+        np.clip(w, 0.0, 1.0, out=w)
         if where is not None:
             w *= where
         hu = self.hu[box]
-        hu += w * (np.asarray(value, dtype=np.float32) - hu)
+        delta = np.asarray(value, dtype=np.float32) - hu
+        delta *= w
+        hu += delta
         inside = f < 0
         if where is not None:
             inside &= where

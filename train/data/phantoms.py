@@ -102,7 +102,7 @@ def _gaussian_kernel_norm(sigma: float, truncate: float = 4.0) -> float:
 
 def _image_formation(rng, canvas: Canvas, grid: Grid) -> tuple[np.ndarray, dict]:
     hu = canvas.hu
-    hu[:] = ndimage.gaussian_filter1d(hu, sigma=0.45, axis=2, mode="nearest")   # slice profile
+    hu[:] = ndimage.gaussian_filter1d(hu, sigma=0.45, axis=2, mode="nearest", truncate=2.5)  # slice profile
     bias_amp = rng.uniform(4.0, 12.0)
     bias = smooth_field(rng, grid.x, grid.y, grid.z, 250.0)
     bias *= bias_amp
@@ -111,8 +111,8 @@ def _image_formation(rng, canvas: Canvas, grid: Grid) -> tuple[np.ndarray, dict]
     sigma = rng.uniform(10.0, 25.0)
     corr = 0.7                                                                    # in-plane noise correlation, px
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0.0), truncate=4.0)
-    noise *= sigma / _gaussian_kernel_norm(corr) ** 2
+    noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0.0), truncate=2.0)
+    noise *= sigma / _gaussian_kernel_norm(corr, truncate=2.0) ** 2
     hu += noise
     del noise
     np.clip(hu, -1024.0, 3071.0, out=hu)
