@@ -21,18 +21,22 @@ def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int) 
     organ_labels = [int(k) for k in organ_labels if 0 < int(k) < num_classes]
     if not organ_labels:
         return labels
-    lesion = np.isin(labels, [k for k in range(1, num_classes) if k not in organ_labels])
-    kept_region = np.zeros(labels.shape, dtype=bool)
     out = labels.copy()
+    box = ndimage.find_objects((labels > 0).astype(np.uint8))
+    if not box or box[0] is None:
+        return out
+    region = out[box[0]]  # a view: the work is done inside the foreground's bounding box only
+    lesion = np.isin(region, [k for k in range(1, num_classes) if k not in organ_labels])
+    kept_region = np.zeros(region.shape, dtype=bool)
     for organ in organ_labels:
-        organ_mask = labels == organ
+        organ_mask = region == organ
         if not organ_mask.any():
             continue
         components, n = ndimage.label(organ_mask | lesion, structure=_STRUCTURE)
         organ_counts = np.bincount(components[organ_mask], minlength=n + 1)
         organ_counts[0] = 0
         keep = components == int(np.argmax(organ_counts))
-        out[organ_mask & ~keep] = 0
+        region[organ_mask & ~keep] = 0
         kept_region |= keep
-    out[lesion & ~kept_region] = 0
+    region[lesion & ~kept_region] = 0
     return out

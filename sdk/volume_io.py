@@ -50,11 +50,28 @@ class NiftiVolume:
         return self._canonical
 
 
+def _why_not_nifti(path: Path) -> str:
+    """Tell a broken gzip stream or a cut-off header from a file that is something else."""
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:      # read to the end: a cut stream fails there
+                head = fh.read(348)
+                while fh.read(1 << 20):
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"truncated or corrupt gzip stream ({type(exc).__name__}: {exc})"
+    else:
+        head = path.read_bytes()[:348]
+    if len(head) < 348:
+        return f"truncated or corrupt: {len(head)} bytes, shorter than a NIfTI header (348)"
+    return "not a NIfTI file"
+
+
 def _load_image(path: Path):
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        raise InputError(f"{path}: not a NIfTI file ({exc})") from exc
+        raise InputError(f"{path}: {_why_not_nifti(path)} ({exc})") from exc
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

@@ -14,3 +14,16 @@ def write_lits_case(root, index: int, hu: np.ndarray, affine: np.ndarray, label:
     root.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(hu, np.int16), affine), root / f"volume-{index}.nii")
     nib.save(nib.Nifti1Image(np.asarray(label, np.uint8), affine), root / f"segmentation-{index}.nii")
+
+
+def write_phantom_lits(root, n: int = 5, shape=(64, 64, 12), seed: int = 0) -> Path:
+    """`n` liver phantoms (regionkd.train.data.phantoms) written by the dataset writer in the
+    LiTS layout (stored L, P, S, so reading must reorient)."""
+    from regionkd.train.data.layouts import write_case
+    from regionkd.train.data.phantoms import generate_phantom
+
+    root = Path(root)
+    for i in range(n):
+        p = generate_phantom("liver", shape=shape, seed=seed, index=i)
+        write_case(root, "lits", i, p.hu, p.label, p.affine)
+    return root

@@ -35,7 +35,7 @@ class IntensityThreshold(nn.Module):
         return self.conv(x)
 
 
-if ARCH not in registry._MODELS:
+if ARCH not in registry.list_models():
     registry.register_model(ARCH)(IntensityThreshold)
 
 # canonical (x, y, z) = (16, 12, 6); liver block 10x10x4 = 400 voxels; tumour block 4x4x2 = 32 voxels inside

@@ -173,3 +173,25 @@ def test_int8_without_calibration_data_is_refused(checkpoint, data, tmp_path, ca
     assert err.value.code == 1
     assert "--calib" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_max_dice_drop_zero_refuses_any_loss_and_writes_nothing(exported, data, checkpoint, tmp_path, capsys):
+    """The same export with --max-dice-drop 0: refused exactly when a shipped fp16/int8 file lost Dice
+    on some class in the accepted run above (the export is deterministic), with the class in the message."""
+    metrics = json.loads((exported / "manifest.json").read_text())["metrics"]
+    ref = metrics["fp32"]["dice"]
+    shipped = [metrics["fp16"], metrics["int8"]] + list((metrics["int8"].get("flavours") or {}).values())
+    losers = sorted({cls for m in shipped for cls, d in m["dice"].items() if ref[cls] is not None and d < ref[cls]})
+    out = tmp_path / "strict"
+    args = [str(checkpoint), "--out", str(out), "--calib", str(data[0]), "--calib-slices", "24",
+            "--val", str(data[1]), "--engine", "never", "--max-dice-drop", "0", "--quiet"]
+    if not losers:
+        main(args)
+        assert out.is_dir()
+        return
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 1
+    msg = capsys.readouterr().err
+    assert "--max-dice-drop 0" in msg and any(f"'{cls}'" in msg for cls in losers)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

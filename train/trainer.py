@@ -352,10 +352,10 @@ def train(cfg: TrainConfig) -> dict:
         size = (cfg.input_size, cfg.input_size)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f"slice-cache-{cfg.input_size}"
         if proc.is_main:
-            cache = SliceCache.build(data_root, cache_dir, window=None, input_size=size)
+            cache = SliceCache.build(data_root, cache_dir, window=None, input_size=size, progress=not cfg.quiet)
         proc.barrier()
         if not proc.is_main:
-            cache = SliceCache.build(data_root, cache_dir, window=None, input_size=size)
+            cache = SliceCache.open(cache_dir)
         window = [float(v) for v in getattr(cache, "window", window)]
         train_ids, val_ids = split_cases(list(ds.case_ids), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
         if not train_ids:
@@ -465,17 +465,24 @@ def train(cfg: TrainConfig) -> dict:
             metrics = run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log)
             checkpoint_now(finished=True)
         proc.barrier()
-        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in net.state_dict().values()))
         tail = step_times[2:] if len(step_times) > 4 else step_times
         summary = {"out": str(out), "log": str(log_path_for(out)), "steps": step, "epoch": epoch,
                    "val_dice": metrics.get("val", {}), "seconds": round(time.perf_counter() - t_start, 2),
                    "step_s_median": round(float(np.median(tail)), 4) if tail else None, "world_size": proc.world, "rank": proc.rank,
-                   "weights_sha256": digest.hexdigest()}
+                   "params_sha256": params_sha256(net)}
         log.write(event="end", **summary)
         return summary
     finally:
         if proc.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def params_sha256(net: nn.Module) -> str:
+    """Digest of the trainable parameters (not BN buffers, which DDP ranks keep per process)."""
+    h = hashlib.sha256()
+    for _, p in net.named_parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log) -> dict:

@@ -54,12 +54,38 @@ class Grid:
         return tuple(out)
 
 
+def _lerp_along(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Linear resampling of one axis to n_out samples (half-pixel centres, like
+    `linear_resize_matrix`) by gathering the two neighbours: cheap when the input axis is long."""
+    n_in = a.shape[axis]
+    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    shape = [1] * a.ndim
+    shape[axis] = n_out
+    w = (pos - i0).astype(np.float32).reshape(shape)
+    lo = np.take(a, i0, axis=axis)
+    hi = np.take(a, i1, axis=axis)
+    hi -= lo
+    hi *= w
+    lo += hi
+    return lo
+
+
 def upsample_separable(coarse: np.ndarray, shape) -> np.ndarray:
-    """Linear upsampling of a small 3D array to `shape` with one matrix per axis."""
-    mx, my, mz = (linear_resize_matrix(c, n) for c, n in zip(coarse.shape, shape))
-    t = np.tensordot(coarse.astype(np.float32), mz, axes=([2], [1]))   # (cx, cy, Z)
-    t = np.tensordot(mx, t, axes=([1], [0]))                             # (X, cy, Z)
-    return np.matmul(my[None], t)                                        # (X, Y, Z)
+    """Linear upsampling of a small 3D array to `shape`, one axis at a time: a matrix product
+    for short coarse axes (BLAS), a two-neighbour gather for long ones."""
+    t = coarse.astype(np.float32)
+    for axis in (2, 0, 1):
+        n_in, n_out = t.shape[axis], int(shape[axis])
+        if n_in == n_out:
+            continue
+        if n_in <= 4:
+            m = linear_resize_matrix(n_in, n_out)
+            t = np.moveaxis(np.tensordot(t, m, axes=([axis], [1])), -1, axis)
+        else:
+            t = _lerp_along(t, n_out, axis)
+    return np.ascontiguousarray(t)
 
 
 def smooth_field(rng: np.random.Generator, x, y, z, wavelength_mm: float) -> np.ndarray:

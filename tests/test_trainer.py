@@ -1,0 +1,175 @@
+"""The training loop on tiny phantoms (64x64 slices, a few steps): teacher, student and
+distillation end to end, the loss formula, repeatability, resume, clear errors."""
+import json
+
+import pytest
+import torch
+
+from _training_fixtures import write_phantom_lits
+from regionkd.sdk.errors import InputError
+from regionkd.train.checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model, log_path_for
+from regionkd.train.config import make_config
+from regionkd.train.trainer import DistillLoss, load_teacher, train
+
+TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
+            quiet=True)   # 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_phantom_lits(tmp_path_factory.mktemp("phantoms"), n=5, shape=(64, 64, 12))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data, cache, tmp_path_factory):
+    """A RAUNet teacher after 2 steps: a real teacher architecture with other channel counts
+    than the student's."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    train(make_config("teacher", "raunet", data, out, cache_dir=cache, **{**TINY, "max_steps": 2}))
+    return out
+
+
+def read_log(out):
+    return [json.loads(line) for line in log_path_for(out).read_text().splitlines()]
+
+
+def test_teacher_checkpoint(teacher_ckpt, data):
+    model, ckpt = load_model(teacher_ckpt)
+    assert ckpt["role"] == "teacher" and ckpt["arch"] == "raunet"
+    assert ckpt["class_names"] == ["background", "liver", "tumour"] and ckpt["task"] == "liver"
+    assert ckpt["preprocessing"]["window"] == [-60.0, 140.0] and ckpt["preprocessing"]["input_size"] == [64, 64]
+    assert ckpt["train_state"]["step"] == 2 and ckpt["provenance"]["teacher"] is None
+    assert set(ckpt["metrics"]["val"]) == {"liver", "tumour"}
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    steps = [r for r in read_log(teacher_ckpt) if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["loss"]["pmd"] is None and steps[0]["loss"]["total"] == pytest.approx(steps[0]["loss"]["seg"])
+
+
+def test_distill_logs_every_term_and_sums_them(teacher_ckpt, data, cache, tmp_path):
+    out = tmp_path / "distilled.pt"
+    summary = train(make_config("distill", "tinynet", data, out, teacher=str(teacher_ckpt), cache_dir=cache,
+                                alpha=0.1, beta1=0.9, beta2=0.9, **TINY))
+    assert summary["steps"] == 3 and summary["epoch"] == 1
+    log = read_log(out)
+    steps = [r for r in log if r["event"] == "step"]
+    assert len(steps) == 3
+    for r in steps:
+        loss = r["loss"]
+        assert all(isinstance(loss[k], float) for k in ("seg", "pmd", "imd", "rad", "total"))
+        assert all(loss[k] >= 0 for k in ("seg", "pmd", "imd", "rad"))
+        assert loss["total"] == pytest.approx(loss["seg"] + 0.1 * loss["pmd"] + 0.9 * loss["imd"]
+                                              + 0.9 * loss["rad"], abs=1e-5)
+        assert r["lr"] > 0
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert len(epochs) == 1 and set(epochs[0]["val_dice"]) == {"liver", "tumour"}
+    ckpt = load_checkpoint(out)
+    assert ckpt["role"] == "student" and ckpt["arch"] == "tinynet"
+    prov = ckpt["provenance"]
+    assert prov["teacher"]["sha256"] == file_sha256(teacher_ckpt) and prov["teacher"]["arch"] == "raunet"
+    assert prov["kd"] == ["pmd", "imd", "rad"] and prov["alpha"] == 0.1
+
+
+def test_kd_subset_leaves_other_terms_out(teacher_ckpt, data, cache, tmp_path):
+    out = tmp_path / "pmd.pt"
+    train(make_config("distill", "tinynet", data, out, teacher=str(teacher_ckpt), cache_dir=cache, kd="pmd",
+                      **{**TINY, "max_steps": 1}))
+    loss = [r for r in read_log(out) if r["event"] == "step"][0]["loss"]
+    assert loss["imd"] is None and loss["rad"] is None
+    assert loss["total"] == pytest.approx(loss["seg"] + 0.1 * loss["pmd"], abs=1e-5)
+
+
+def test_teacher_is_frozen_and_gets_no_gradient(teacher_ckpt, data):
+    cfg = make_config("distill", "tinynet", data, "unused.pt", teacher=str(teacher_ckpt), **TINY)
+    teacher, _ = load_teacher(cfg, ["background", "liver", "tumour"], [-60.0, 140.0], "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    bn_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    from regionkd.train.models import create_model
+    student = create_model("tinynet", 3)
+    x = torch.randn(2, 1, 64, 64)
+    y = torch.randint(0, 3, (2, 64, 64))
+    logits, feats = student.forward_features(x)
+    terms = DistillLoss(cfg, 3, teacher)(x, y, logits, feats)
+    terms["total"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(torch.equal(bn_before[k], v) for k, v in teacher.state_dict().items())  # BN stats untouched
+
+
+def test_same_seed_same_run_other_seed_other_run(data, cache, tmp_path):
+    a = train(make_config("student", "tinynet", data, tmp_path / "a.pt", cache_dir=cache, seed=3, **TINY))
+    b = train(make_config("student", "tinynet", data, tmp_path / "b.pt", cache_dir=cache, seed=3, **TINY))
+    c = train(make_config("student", "tinynet", data, tmp_path / "c.pt", cache_dir=cache, seed=4, **TINY))
+    la = [r["loss"] for r in read_log(tmp_path / "a.pt") if r["event"] == "step"]
+    lb = [r["loss"] for r in read_log(tmp_path / "b.pt") if r["event"] == "step"]
+    assert la == lb
+    assert a["params_sha256"] == b["params_sha256"] != c["params_sha256"]
+
+
+def test_resume_mid_epoch_gives_the_same_weights(teacher_ckpt, data, cache, tmp_path):
+    opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache)   # 6 steps, 2 epochs
+    whole = train(make_config("distill", "tinynet", data, tmp_path / "whole.pt", **opts))
+    part = tmp_path / "part.pt"
+    first = train(make_config("distill", "tinynet", data, part, max_steps=4, **opts))   # stops inside epoch 2
+    assert first["steps"] == 4 and load_checkpoint(part)["train_state"]["step_in_epoch"] == 1
+    rest = train(make_config("distill", "tinynet", data, part, resume=True, **opts))
+    assert rest["steps"] == 6 and whole["steps"] == 6
+    assert rest["params_sha256"] == whole["params_sha256"]
+    log = read_log(part)
+    assert [r["event"] for r in log].count("resume") == 1
+    assert [r["step"] for r in log if r["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    whole_losses = [r["loss"] for r in read_log(tmp_path / "whole.pt") if r["event"] == "step"]
+    assert [r["loss"] for r in log if r["event"] == "step"] == whole_losses
+
+
+def test_resume_refuses_other_options(data, cache, tmp_path):
+    out = tmp_path / "s.pt"
+    train(make_config("student", "tinynet", data, out, cache_dir=cache, **{**TINY, "max_steps": 1}))
+    with pytest.raises(CheckpointError, match="lr: 0.002 -> 0.01"):
+        train(make_config("student", "tinynet", data, out, cache_dir=cache, resume=True, **{**TINY, "lr": 0.01}))
+
+
+def test_teacher_with_other_input_size_is_refused(teacher_ckpt, data, cache, tmp_path):
+    with pytest.raises(CheckpointError, match="input size"):
+        train(make_config("distill", "tinynet", data, tmp_path / "d.pt", teacher=str(teacher_ckpt),
+                          cache_dir=cache, **{**TINY, "input_size": 96}))
+
+
+def test_bad_options_and_missing_data(tmp_path):
+    with pytest.raises(InputError, match="not a directory"):
+        train(make_config("student", "tinynet", tmp_path / "nope", tmp_path / "s.pt", **TINY))
+    with pytest.raises(InputError, match="unknown term"):
+        make_config("distill", "tinynet", tmp_path, tmp_path / "s.pt", teacher="t.pt", kd="pmd,xyz")
+    with pytest.raises(InputError, match="needs --teacher"):
+        make_config("distill", "tinynet", tmp_path, tmp_path / "s.pt")
+    with pytest.raises(InputError, match="multiple of 32"):
+        make_config("student", "tinynet", tmp_path, tmp_path / "s.pt", input_size=100)
+
+
+def test_presets():
+    paper = make_config("student", "enet", "d", "o.pt", preset="paper")
+    assert (paper.input_size, paper.batch_size, paper.epochs, paper.lr) == (384, 16, 30, 1e-2)
+    demo_t = make_config("teacher", "raunet", "d", "o.pt", preset="demo")
+    demo_s = make_config("distill", "enet", "d", "o.pt", preset="demo", teacher="t.pt")
+    assert demo_t.input_size == demo_s.input_size == 128 and demo_t.epochs > demo_s.epochs
+    assert make_config("student", "enet", "d", "o.pt", preset="demo", epochs=2).epochs == 2
+
+
+def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
+    from regionkd.sdk.cli_common import run_cli
+    from regionkd.train.cli_training import teacher
+
+    out = tmp_path / "cli.pt"
+    run_cli(teacher, ["--data", str(data), "--out", str(out), "--arch", "tinynet", "--preset", "demo",
+                      "--input-size", "64", "--batch-size", "2", "--max-steps", "1", "--cache-dir", cache])
+    assert "validation Dice" in capsys.readouterr().out
+    assert load_checkpoint(out)["train_state"]["step"] == 1
+    with pytest.raises(SystemExit) as exc:
+        run_cli(teacher, ["--data", str(tmp_path / "missing"), "--out", str(out), "--quiet"])
+    assert exc.value.code == 1
+    assert "missing: not a directory" in capsys.readouterr().err

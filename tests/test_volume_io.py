@@ -1,0 +1,109 @@
+"""read_nifti: valid files read back exactly; every kind of bad file gives an InputError naming it."""
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from regionkd.sdk.errors import InputError
+from regionkd.sdk.volume_io import read_nifti, write_mask, write_nifti
+
+AFF = np.diag([0.8, 0.8, 2.5, 1.0])
+
+
+def _save(path, data, affine=AFF, slope=None):
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(*slope)
+    nib.save(img, str(path))
+    return path
+
+
+def test_image_reads_float32_hu_with_scaling(tmp_path):
+    raw = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    p = _save(tmp_path / "ct.nii.gz", raw, slope=(2.0, -1024.0))
+    vol = read_nifti(p)
+    assert vol.data.dtype == np.float32
+    assert vol.data[1, 2, 3] == 23 * 2 - 1024           # scl_slope/inter applied: 23*2-1024 = -978
+    np.testing.assert_allclose(vol.affine, AFF)
+    assert vol.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert vol.canonical().data.shape == (2, 3, 4)
+    assert vol.canonical() is vol.canonical()            # cached
+
+
+def test_label_integer_valued_floats_become_uint8(tmp_path):
+    p = _save(tmp_path / "seg.nii", np.array([0.0, 1.0, 2.0] * 8, dtype=np.float32).reshape(2, 3, 4))
+    vol = read_nifti(p, kind="label")
+    assert vol.data.dtype == np.uint8 and set(np.unique(vol.data)) == {0, 1, 2}
+
+
+def test_trailing_singleton_axis_is_squeezed(tmp_path):
+    p = _save(tmp_path / "ct4.nii", np.zeros((4, 5, 6, 1), np.float32))
+    assert read_nifti(p).shape == (4, 5, 6)
+
+
+def test_write_nifti_and_mask_roundtrip(tmp_path):
+    data = np.random.default_rng(0).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    p = write_nifti(tmp_path / "a.nii.gz", data, AFF)
+    vol = read_nifti(p)
+    np.testing.assert_array_equal(vol.data, data.astype(np.float32))
+    mask = (data > 0).astype(np.uint8)
+    m = read_nifti(write_mask(tmp_path / "m.nii.gz", mask, vol), kind="label")
+    np.testing.assert_array_equal(m.data, mask)
+    np.testing.assert_allclose(m.affine, vol.affine)
+    assert not list(tmp_path.glob(".*"))                 # no temporary files left behind
+
+
+def _bad_cases(tmp_path):
+    noise = np.random.default_rng(0).integers(-1000, 1000, (8, 8, 8)).astype(np.int16)
+    good = _save(tmp_path / "good.nii", noise)
+    raw = good.read_bytes()
+    (tmp_path / "trunc.nii").write_bytes(raw[: len(raw) - 100])
+    gz = gzip.compress(raw)
+    (tmp_path / "trunc.nii.gz").write_bytes(gz[: len(gz) * 2 // 3])      # cut inside the voxel data
+    (tmp_path / "cut.nii.gz").write_bytes(gz[:40])                         # cut inside the header
+    (tmp_path / "stub.nii").write_bytes(raw[:100])
+    (tmp_path / "empty.nii").write_bytes(b"")
+    (tmp_path / "text.nii").write_text("this is not a NIfTI file\n" * 20)
+    _save(tmp_path / "flat.nii", np.zeros((8, 8), np.int16))
+    _save(tmp_path / "series.nii", np.zeros((8, 8, 8, 3), np.int16))
+    nan = np.zeros((8, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    _save(tmp_path / "nan.nii", nan)
+    inf = np.zeros((8, 8, 8), np.float32)
+    inf[0, 0, 0] = np.inf
+    _save(tmp_path / "inf.nii", inf)
+    hdr = nib.load(str(good)).header.copy()            # same file with a singular sform and no qform
+    hdr["srow_y"] = [0.0, 0.0, 0.0, 0.0]
+    hdr["qform_code"] = 0
+    (tmp_path / "singular.nii").write_bytes(hdr.binaryblock + raw[len(hdr.binaryblock):])
+    _save(tmp_path / "half.nii", np.full((4, 4, 4), 0.5, np.float32))
+    return {
+        "missing.nii": ("image", "does not exist"),
+        "empty.nii": ("image", "empty"),
+        "trunc.nii": ("image", "truncated or corrupt"),
+        "trunc.nii.gz": ("image", "corrupt"),
+        "cut.nii.gz": ("image", "truncated or corrupt"),
+        "stub.nii": ("image", "shorter than a NIfTI header"),
+        "text.nii": ("image", "not a NIfTI"),
+        "flat.nii": ("image", "2D"),
+        "series.nii": ("image", "4D"),
+        "nan.nii": ("image", "NaN"),
+        "inf.nii": ("image", "NaN or infinite"),
+        "singular.nii": ("image", "singular"),
+        "half.nii": ("label", "non-integer"),
+    }
+
+
+def test_bad_inputs_raise_input_error_naming_the_file(tmp_path):
+    for name, (kind, problem) in _bad_cases(tmp_path).items():
+        with pytest.raises(InputError) as info:
+            read_nifti(tmp_path / name, kind=kind)
+        msg = str(info.value)
+        assert name in msg, msg
+        assert problem in msg, (name, msg)
+
+
+def test_unknown_kind_is_a_programming_error(tmp_path):
+    with pytest.raises(ValueError):
+        read_nifti(tmp_path / "x.nii", kind="mask")
