@@ -77,12 +77,8 @@ def _count_gflops(model, input_size) -> float | None:
 
 
 def _engine_builders():
-    """(tensorrt_build module or None, [backends that can build here], {backend: why skipped})."""
-    try:
-        from . import tensorrt_build
-    except ImportError as exc:
-        why = f"regionkd.export.tensorrt_build cannot be imported ({exc})"
-        return None, [], {"tensorrt": why, "tensorrt-rtx": why}
+    """(engine_build module, [backends that can build here], {backend: why skipped})."""
+    from regionkd.sdk.backends import engine_build as tensorrt_build
     ok, skipped = [], {}
     for backend, (can, why) in tensorrt_build.available_builders().items():
         (ok.append(backend) if can else skipped.__setitem__(backend, why))

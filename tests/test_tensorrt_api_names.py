@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = REPO.parent / "shared" / "tensorrt-api"
-SOURCES = [REPO / "export" / "tensorrt_build.py", REPO / "sdk" / "backends" / "tensorrt_backend.py"]
+SOURCES = [REPO / "sdk" / "backends" / "engine_build.py", REPO / "sdk" / "backends" / "tensorrt_backend.py"]
 TRT_VERSIONS = ("10.3", "10.13", "11.4")
 PYCUDA_VOCAB = "names-pycuda-2026.1.txt"
 # calls whose result is the module itself

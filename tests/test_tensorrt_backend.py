@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from regionkd.export.tensorrt_build import engine_filename
+from regionkd.sdk.backends.engine_build import engine_filename
 from regionkd.sdk.backends.tensorrt_backend import (resolve_engine, select_engine, short_version, source_onnx,
                                                     tensorrt_available)
 from regionkd.sdk.errors import BackendError, RegionKDError
@@ -61,7 +61,7 @@ def test_refuses_an_engine_for_another_gpu():
     assert "no tensorrt engine for TensorRT 10.3.0, sm 8.6, int8" in message
     assert "engines/trt10.3.0-sm87-int8.engine (version 10.3.0 sm 8.7, int8)" in message
     assert "runs only on the GPU model and TensorRT version that built it" in message
-    assert "build_engine" in message and "regionkd[export,tensorrt]" in message
+    assert "builds it from the bundle's int8 ONNX" in message and "regionkd-export --engine require" in message
 
 
 def test_refuses_an_engine_for_another_tensorrt_version():

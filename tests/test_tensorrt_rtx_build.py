@@ -13,7 +13,7 @@ trt = pytest.importorskip("tensorrt_rtx_bindings",
 torch = pytest.importorskip("torch", reason="torch is needed to export the test models")
 onnx = pytest.importorskip("onnx")
 
-from regionkd.export.tensorrt_build import EngineBuildError, available_builders, build_engine  # noqa: E402
+from regionkd.sdk.backends.engine_build import EngineBuildError, available_builders, build_engine  # noqa: E402
 from regionkd.sdk.backends.tensorrt_backend import short_version, tensorrt_available  # noqa: E402
 
 H = W = 16

@@ -173,3 +173,10 @@ def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
         run_cli(teacher, ["--data", str(tmp_path / "missing"), "--out", str(out), "--quiet"])
     assert exc.value.code == 1
     assert "missing: not a directory" in capsys.readouterr().err
+
+
+def test_worker_processes_do_not_change_the_run(data, cache, tmp_path):
+    """Augmentation is seeded per slice, so DataLoader workers give the very same run."""
+    a = train(make_config("student", "tinynet", data, tmp_path / "w0.pt", cache_dir=cache, workers=0, **TINY))
+    b = train(make_config("student", "tinynet", data, tmp_path / "w2.pt", cache_dir=cache, workers=2, **TINY))
+    assert a["params_sha256"] == b["params_sha256"]

@@ -182,18 +182,20 @@ class Forward(nn.Module):
 class DistillLoss:
     """L_seg + alpha*PMD + beta1*IMD + beta2*RAD, every term reported separately (None if unused)."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, teacher: nn.Module | None):
+    def __init__(self, cfg: TrainConfig, num_classes: int, teacher: nn.Module | None,
+                 teacher_context=contextlib.nullcontext):
         from . import losses
 
         self.L, self.cfg, self.num_classes, self.teacher = losses, cfg, num_classes, teacher
         self.kd = set(cfg.kd) if teacher is not None else set()
+        self.teacher_context = teacher_context   # autocast for the teacher's forward on CUDA
 
     def __call__(self, images, target, s_logits, s_feats) -> dict:
         L, cfg = self.L, self.cfg
         terms = {"seg": L.segmentation_loss(s_logits.float(), target), "pmd": None, "imd": None, "rad": None}
         total = terms["seg"]
         if self.kd:
-            with torch.no_grad():
+            with torch.no_grad(), self.teacher_context():
                 t_logits, t_feats = self.teacher.forward_features(images)
             if "pmd" in self.kd:
                 terms["pmd"] = L.pmd_loss(s_logits.float(), t_logits.float(), temperature=cfg.temperature)
@@ -370,7 +372,7 @@ def train(cfg: TrainConfig) -> dict:
         teacher, t_ckpt = (None, None)
         if cfg.mode == "distill":
             teacher, t_ckpt = load_teacher(cfg, class_names, window, proc.device)
-        loss_fn = DistillLoss(cfg, len(class_names), teacher)
+        loss_fn = DistillLoss(cfg, len(class_names), teacher, teacher_context=lambda: autocast(proc, cfg))
 
         samples = cfg.samples_per_epoch or len(train_ds)
         steps_per_epoch = max(1, samples // (cfg.batch_size * proc.world))

@@ -13,7 +13,6 @@ has lives in functions named `_rtx_*`.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import subprocess
@@ -147,11 +146,9 @@ def select_engine(files: list[dict], *, backend: str, precision: str, trt_versio
         rule = "a TensorRT-RTX engine runs only with the TensorRT-RTX version that built it"
     others = "; ".join(_describe(e) for e in engines)
     have = f" It has only engines for other versions/GPUs: {others} ({rule})." if engines else ""
-    raise BackendError(f"no {backend} engine for {wanted} in the bundle.{have} Install the export part "
-                       f"(pip install 'regionkd[export,{TRT_EXTRAS[backend]}]') so the SDK builds it from the "
-                       f"{precision} ONNX and caches it, or build it with "
-                       f"regionkd.export.tensorrt_build.build_engine(ONNX, BUNDLE/engines, backend={backend!r}) "
-                       f"and register it with Bundle.register_file.")
+    raise BackendError(f"no {backend} engine for {wanted} in the bundle.{have} The SDK builds it from the "
+                       f"bundle's {precision} ONNX and caches it where the builder can run (TensorRT needs a GPU, "
+                       f"TensorRT-RTX any CPU); or build it ahead with regionkd-export --engine require.")
 
 
 def source_onnx(files: list[dict], backend: str, precision: str) -> dict:
@@ -164,14 +161,9 @@ def source_onnx(files: list[dict], backend: str, precision: str) -> dict:
 
 
 def _engine_builder():
-    """regionkd.export.tensorrt_build when the export part is importable, else None.
-
-    The one optional import of export code in the SDK: building a missing engine is the
-    exporter's job; the SDK only offers it where the exporter is installed."""
-    try:
-        return importlib.import_module("regionkd.export.tensorrt_build")
-    except ImportError:
-        return None
+    """The engine builder (regionkd.sdk.backends.engine_build); it needs only TensorRT itself."""
+    from . import engine_build
+    return engine_build
 
 
 def resolve_engine(bundle, backend: str, precision: str, trt_version: str, compute_capability: str | None,
@@ -181,9 +173,9 @@ def resolve_engine(bundle, backend: str, precision: str, trt_version: str, compu
         return select_engine(bundle.files, backend=backend, precision=precision, trt_version=trt_version,
                              compute_capability=compute_capability)
     except BackendError:
-        builder = _engine_builder() if build else None
-        if builder is None:
+        if not build:
             raise
+        builder = _engine_builder()
     onnx_entry = source_onnx(bundle.files, backend, precision)
     log.info("%s: no engine for %s here; building one from %s", backend, precision, onnx_entry["path"])
     info = builder.build_engine(bundle.path_of(onnx_entry), bundle.root / "engines", backend=backend,

@@ -109,7 +109,7 @@ def _image_formation(rng, canvas: Canvas, grid: Grid) -> tuple[np.ndarray, dict]
     hu += bias
     del bias
     sigma = rng.uniform(10.0, 25.0)
-    corr = 0.7                                                                    # in-plane noise correlation, px
+    corr = 0.5                                                                    # in-plane noise correlation, px
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0.0), truncate=2.0)
     noise *= sigma / _gaussian_kernel_norm(corr, truncate=2.0) ** 2

@@ -1,0 +1,380 @@
+"""Deployment report: what the distilled student buys at inference time, in one run.
+
+On one phantom CT volume (512x512x100 for the cpu preset), file to file through the SDK's own
+timing code (`regionkd.sdk.cli_bench.measure`: warm-up, then median and p95 over repeats, with
+the load / preprocess / inference / postprocess / write breakdown):
+  - the teacher and the student in PyTorch eager (same pre/post-processing, `Segmenter.from_backend`),
+  - the student's bundle through onnxruntime FP32 and INT8 (and TensorRT FP16/INT8 where a GPU is),
+plus parameters, file sizes, GFLOPs per slice, Dice of each precision against FP32 (the bundle
+manifest's validation metrics), and the machine's ceiling: numpy float32 matmul GFLOP/s at the
+same thread count, so each model's achieved GFLOP/s is also a fraction of it.
+
+    python benchmarks/deploy.py --preset smoke                       # makes tiny models itself
+    python benchmarks/deploy.py --preset cpu                         # trains briefly + exports if absent
+    python benchmarks/deploy.py --preset cpu --teacher T.pt --student S.pt --bundle DIR
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    volume_shape: tuple              # the timed volume
+    cases: int                       # phantoms to train / calibrate / validate on (when models are made here)
+    data_shape: tuple
+    input_size: int
+    teacher: str
+    student: str
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    repeat: int
+    warmup: int
+    threads: int
+    sgemm_n: int
+    calib_slices: int
+    task: str = "liver"
+    kd: str = "pmd,imd,rad"
+    data_seed: int = 2021
+    volume_seed: int = 4242
+
+
+PRESETS = {
+    "smoke": Preset(volume_shape=(64, 64, 8), cases=3, data_shape=(64, 64, 8), input_size=64, teacher="raunet",
+                    student="enet", teacher_steps=2, student_steps=2, batch_size=2, repeat=2, warmup=1, threads=1,
+                    sgemm_n=256, calib_slices=8),
+    "cpu": Preset(volume_shape=(512, 512, 100), cases=8, data_shape=(256, 256, 32), input_size=256, teacher="raunet",
+                  student="enet", teacher_steps=60, student_steps=60, batch_size=4, repeat=5, warmup=1, threads=2,
+                  sgemm_n=2048, calib_slices=100),
+}
+
+SGEMM_CODE = """
+import json, sys, time
+import numpy as np
+n, repeat = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+a = rng.standard_normal((n, n), dtype=np.float32); b = rng.standard_normal((n, n), dtype=np.float32)
+a @ b
+times = []
+for _ in range(repeat):
+    t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)
+print(json.dumps({"n": n, "best_s": min(times), "median_s": float(np.median(times))}))
+"""
+
+
+def numpy_sgemm(n: int, threads: int, repeat: int = 5) -> dict:
+    """float32 n x n matmul GFLOP/s (2 n^3 per product, best of `repeat`) in a fresh process whose
+    BLAS is limited to `threads` threads (OpenBLAS/MKL/OpenMP read these at start-up)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", SGEMM_CODE, str(n), str(repeat)], env=env, check=True,
+                         capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    flops = 2.0 * n ** 3
+    return {"runtime": "numpy-sgemm", "precision": "fp32", "n": n, "threads": threads,
+            "gflops_per_s": flops / r["best_s"] / 1e9, "gflops_per_s_median": flops / r["median_s"] / 1e9}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_models(p: Preset, work: Path, quiet: bool) -> tuple[Path, Path, Path, Path]:
+    """(teacher ckpt, student ckpt, bundle dir, data dir): trained briefly and exported, unless
+    already there from a previous run. The student is distilled from the teacher (p.kd)."""
+    from regionkd.train.config import make_config
+    from regionkd.train.trainer import train
+
+    data = C.make_phantom_dataset(work / "data", p.task, p.cases, p.data_shape, p.data_seed)
+    teacher, student, bundle = work / f"teacher-{p.teacher}.pt", work / f"student-{p.student}.pt", work / "bundle"
+    common = dict(preset="demo", epochs=1, batch_size=p.batch_size, input_size=p.input_size, val_max_slices=16,
+                  val_fraction=0.34, device="cpu", resume=True, cache_dir=str(work / "slice-cache"), quiet=quiet)
+    if not teacher.is_file():
+        train(make_config("teacher", p.teacher, data, teacher, samples_per_epoch=p.teacher_steps * p.batch_size,
+                          **common))
+    if not student.is_file():
+        train(make_config("distill", p.student, data, student, teacher=str(teacher), kd=p.kd,
+                          samples_per_epoch=p.student_steps * p.batch_size, **common))
+    if not (bundle / "manifest.json").is_file():
+        from regionkd.export.pipeline import ExportOptions, export_bundle
+
+        engine = "auto" if C.gpu_name() else "never"
+        export_bundle(ExportOptions(checkpoint=student, out=bundle, precisions=("fp32", "fp16", "int8"), calib=data,
+                                    calib_slices=p.calib_slices, val=data, engine=engine, max_dice_drop=1.0,
+                                    overwrite=True, latency_runs=3, threads=p.threads),
+                      log=(lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True)))
+    return teacher, student, bundle, data
+
+
+def make_volume(p: Preset, work: Path) -> Path:
+    """The timed volume: one phantom of the preset's shape, written once as NIfTI."""
+    from regionkd.sdk.cli_bench import write_volume
+    from regionkd.train.data.phantoms import generate_phantom
+
+    path = work / f"volume-{'x'.join(map(str, p.volume_shape))}.nii.gz"
+    if not path.is_file():
+        ph = generate_phantom(p.task, p.volume_shape, seed=p.volume_seed, index=0)
+        with C.atomic_path(path, suffix=".nii.gz") as tmp:
+            write_volume(tmp, ph.hu, ph.affine)
+    return path
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def gflops_of(ckpt: Path) -> float:
+    from regionkd.train.checkpoint import load_model
+    from regionkd.train.models.profile import flops_per_slice
+
+    model, ck = load_model(ckpt)
+    return flops_per_slice(model, tuple(int(v) for v in ck["preprocessing"]["input_size"])) / 1e9
+
+
+def timing_row(m: dict, base: dict) -> dict:
+    """A results row from `regionkd.sdk.cli_bench.measure`'s dict."""
+    return {**base, "latency_ms": {"median": m["median_ms"], "p95": m["p95_ms"], "min": m["min_ms"]},
+            "breakdown_ms": m["stages_median_ms"], "outside_inference_share": m["outside_inference_share"],
+            "slices": m["slices"], "repeat": m["repeat"], "warmup": m["warmup"], "peak_rss_mb": m["peak_rss_mb"]}
+
+
+def bundle_dice(manifest: dict, precision: str, model_file: str) -> dict | None:
+    """Validation Dice of the file a backend runs, from the manifest (int8 CPU flavour included)."""
+    metrics = manifest.get("metrics", {}).get(precision, {})
+    for flavour in metrics.get("flavours", {}).values():
+        if flavour.get("file") == model_file:
+            return flavour.get("dice")
+    return metrics.get("dice")
+
+
+def measure_all(p: Preset, teacher: Path, student: Path, bundle_dir: Path, volume: Path, threads: int,
+                quiet: bool) -> list:
+    from tqdm import tqdm
+
+    from regionkd.sdk.bundle import load_bundle
+    from regionkd.sdk.cli_bench import TorchModelBackend, measure
+    from regionkd.sdk.errors import RegionKDError
+    from regionkd.sdk.segmenter import Segmenter
+    from regionkd.sdk.volume_io import read_nifti
+
+    bundle = load_bundle(bundle_dir)
+    shape = [int(v) for v in read_nifti(volume).data.shape]
+    organ_labels = bundle.preprocessing.get("largest_component_labels")
+    student_gflops = bundle.manifest["model"].get("gflops_per_slice") or gflops_of(student)
+    jobs = [("torch", teacher, "fp32"), ("torch", student, "fp32"),
+            ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]
+    if C.gpu_name():
+        jobs += [(be, bundle, pr) for be in ("tensorrt", "tensorrt-rtx") for pr in ("fp16", "int8")]
+    else:
+        click.echo("no CUDA GPU here: TensorRT FP16/INT8 rows skipped", err=True) if not quiet else None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp:
+        for runtime, what, precision in tqdm(jobs, desc="deploy latency", unit="config", disable=quiet):
+            try:
+                if runtime == "torch":
+                    engine = TorchModelBackend(what, threads, p.batch_size)
+                    ck = engine.checkpoint
+                    seg = Segmenter.from_backend(engine, ck["preprocessing"], ck["class_names"],
+                                                 organ_labels=organ_labels, batch_size=p.batch_size)
+                    base = {"arch": ck["arch"], "role": ck["role"], "runtime": "torch", "precision": "fp32",
+                            "model_file": Path(what).name, "bytes": engine.state_bytes, "params": engine.params,
+                            "gflops_per_slice": gflops_of(what)}
+                else:
+                    seg = Segmenter(bundle, backend=runtime, precision=precision, batch_size=p.batch_size,
+                                    threads=threads)
+                    model_file = seg.backend.model_path.name
+                    base = {"arch": bundle.manifest["model"]["arch"], "role": "student", "runtime": seg.backend.name,
+                            "precision": precision, "model_file": model_file, "bytes": seg.model_size_bytes,
+                            "params": bundle.params, "gflops_per_slice": student_gflops,
+                            "dice": bundle_dice(bundle.manifest, precision, model_file)}
+            except RegionKDError as exc:
+                rows.append({"arch": bundle.manifest["model"]["arch"], "runtime": runtime, "precision": precision,
+                             "skipped": str(exc)})
+                continue
+            base["volume_shape"] = shape
+            with seg:
+                rows.append(timing_row(measure(seg, Path(volume), Path(tmp), p.warmup, p.repeat), base))
+    return rows
+
+
+# ----------------------------------------------------------------------------- derived numbers
+
+def derive(rows: list, sgemm: dict) -> dict:
+    """Achieved GFLOP/s and its share of the sgemm ceiling per row, Dice vs FP32, and the ratios."""
+    measured = [r for r in rows if "latency_ms" in r]
+    fp32_dice = next((r.get("dice") for r in measured if r["runtime"] == "onnxruntime" and r["precision"] == "fp32"), None)
+    for r in measured:
+        infer_s = r["breakdown_ms"]["inference"] / 1000.0
+        r["achieved_gflops_per_s"] = r["gflops_per_slice"] * r["slices"] / infer_s if infer_s > 0 else None
+        r["share_of_sgemm"] = (r["achieved_gflops_per_s"] / sgemm["gflops_per_s"]
+                               if r["achieved_gflops_per_s"] is not None else None)
+        if r.get("dice") and fp32_dice:
+            r["dice_minus_fp32"] = {c: (v - fp32_dice[c]) if None not in (v, fp32_dice.get(c)) else None
+                                    for c, v in r["dice"].items()}
+
+    def find(runtime, role=None, precision="fp32"):
+        return next((r for r in measured if r["runtime"] == runtime and r["precision"] == precision
+                     and (role is None or r.get("role") == role)), None)
+
+    def ratio(a, b, key="latency"):
+        if a is None or b is None:
+            return None
+        if key == "latency":
+            return a["latency_ms"]["median"] / b["latency_ms"]["median"]
+        return a["bytes"] / b["bytes"] if b["bytes"] else None
+
+    t, s = find("torch", "teacher"), find("torch", "student")
+    o32, o8 = find("onnxruntime"), find("onnxruntime", precision="int8")
+    sdk = [r for r in measured if r["runtime"] != "torch"]
+    best = min(sdk, key=lambda r: r["latency_ms"]["median"]) if sdk else None
+    return {
+        "teacher_torch / student_torch latency": ratio(t, s),
+        "student_torch / student_sdk_fp32 latency": ratio(s, o32),
+        "sdk fp32 / int8 latency": ratio(o32, o8),
+        "sdk fp32 / int8 size": ratio(o32, o8, "bytes"),
+        "teacher_torch / best student_sdk latency": ratio(t, best),
+        "best_sdk": None if best is None else f"{best['runtime']} {best['precision']}",
+        "best_sdk_outside_inference_share": None if best is None else best["outside_inference_share"],
+    }
+
+
+TARGETS = (("teacher_torch / best student_sdk latency", 10.0, ">="), ("sdk fp32 / int8 latency", 1.5, ">="),
+           ("best_sdk_outside_inference_share", 0.15, "<="))
+
+
+def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note) -> str:
+    lines = [f"# Deployment report ({preset})", "", C.machine_line(machine), "", f"Command: `{command}`", "",
+             volume_note, ""]
+    header = ["model", "runtime", "prec", "median ms", "p95 ms", "load", "pre", "infer", "post", "write",
+              "outside %", "MB", "params", "GFLOPs/slice", "GFLOP/s", "% of sgemm", "Dice (Δ vs fp32)"]
+    body = []
+    for r in rows:
+        if "skipped" in r:
+            body.append([r["arch"], r["runtime"], r["precision"], "skipped: " + r["skipped"][:80]] + [""] * (len(header) - 4))
+            continue
+        b = r["breakdown_ms"]
+        dice = "-"
+        if r.get("dice"):
+            d = r.get("dice_minus_fp32") or {}
+            dice = ", ".join(f"{c} {C.fmt(v)}" + (f" ({d[c]:+.3f})" if d.get(c) is not None and r["precision"] != "fp32" else "")
+                             for c, v in r["dice"].items())
+        body.append([f"{r['arch']} ({r.get('role', '')})", r["runtime"], r["precision"],
+                     f"{r['latency_ms']['median']:.1f}", f"{r['latency_ms']['p95']:.1f}",
+                     *(f"{b[s]:.1f}" for s in ("load", "preprocess", "inference", "postprocess", "write")),
+                     f"{100 * r['outside_inference_share']:.1f}", f"{r['bytes'] / 1e6:.3f}", f"{r['params']:,}",
+                     f"{r['gflops_per_slice']:.3f}", C.fmt(r.get("achieved_gflops_per_s"), 1),
+                     C.fmt(100 * r["share_of_sgemm"] if r.get("share_of_sgemm") is not None else None, 1), dice])
+    lines += [C.markdown_table(header, body, align="lll" + "r" * (len(header) - 4) + "l"), ""]
+    lines += [f"Machine ceiling: numpy float32 matmul {sgemm['n']}x{sgemm['n']} with {sgemm['threads']} thread(s): "
+              f"{sgemm['gflops_per_s']:.1f} GFLOP/s (best of 5; median {sgemm['gflops_per_s_median']:.1f}).", ""]
+    lines += ["| ratio | value | target |", "| --- | ---: | --- |"]
+    targets = {name: (value, op) for name, value, op in TARGETS}
+    for name, v in ratios.items():
+        if name == "best_sdk":
+            continue
+        shown = C.fmt(v, 2) if "share" not in name else (f"{100 * v:.1f}%" if v is not None else "-")
+        target = ""
+        if name in targets:
+            tv, op = targets[name]
+            met = v is not None and (v >= tv if op == ">=" else v <= tv)
+            target = f"{op} {tv if 'share' not in name else f'{100 * tv:.0f}%'}: {'met' if met else 'NOT met'}"
+        lines.append(f"| {name} | {shown} | {target} |")
+    lines += ["", f"Best SDK configuration: {ratios['best_sdk']}.",
+              "Latency: per volume, file to file (read NIfTI, preprocess, inference, postprocess incl. largest "
+              "component, write mask), median and p95 over the repeats after warm-up. PyTorch rows run eager on "
+              "the CPU with the SDK's pre/post-processing; their size is the fp32 weights (state dict). GFLOP/s: "
+              "GFLOPs per slice x slices / inference time. Dice: the bundle manifest's validation Dice (global per "
+              "class over the validation phantoms), Δ against the FP32 file.", ""]
+    return "\n".join(lines)
+
+
+def chart(rows):
+    def draw(fig):
+        measured = [r for r in rows if "latency_ms" in r]
+        ax = fig.subplots()
+        labels = [f"{r['arch']}\n{r['runtime']} {r['precision']}" for r in measured]
+        bottom = [0.0] * len(measured)
+        for stage in ("load", "preprocess", "inference", "postprocess", "write"):
+            vals = [r["breakdown_ms"][stage] for r in measured]
+            ax.bar(labels, vals, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("ms per volume (median run, by stage)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    return draw
+
+
+# ----------------------------------------------------------------------------- the command
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="cpu", show_default=True,
+              help="smoke: 64x64x8 volume, tiny models, for tests; cpu: 512x512x100 volume, 2 threads.")
+@click.option("--teacher", type=click.Path(path_type=Path, dir_okay=False), help="Teacher checkpoint (e.g. from kd_ablation).")
+@click.option("--student", type=click.Path(path_type=Path, dir_okay=False), help="Student checkpoint the bundle was exported from.")
+@click.option("--bundle", type=click.Path(path_type=Path, file_okay=False), help="The student's bundle directory.")
+@click.option("--volume", type=click.Path(path_type=Path, dir_okay=False), help="Time this NIfTI volume instead of a phantom.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch, onnxruntime and numpy (default: preset).")
+@click.option("--repeat", type=click.IntRange(min=1), help="Timed runs per configuration (default: preset).")
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False),
+              help="Where models made here and the volume live (default: work/benchmarks/deploy-<preset>).")
+@click.option("--results", type=click.Path(path_type=Path, file_okay=False), default=C.RESULTS_DIR, show_default=True,
+              help="Where deploy-<preset>.{json,md,png} go.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or report on stdout.")
+def main(preset, teacher, student, bundle, volume, threads, repeat, work, results, quiet):
+    """Latency per volume (median, p95, stages), size, params, GFLOPs and achieved share of the
+    machine's matmul ceiling for teacher and student in PyTorch and the student through the SDK."""
+    from regionkd.sdk.errors import InputError
+
+    p = PRESETS[preset]
+    if threads:
+        p = replace(p, threads=threads)
+    if repeat:
+        p = replace(p, repeat=repeat)
+    given = [x is not None for x in (teacher, student, bundle)]
+    if any(given) and not all(given):
+        raise InputError("give all of --teacher, --student and --bundle, or none (the preset then makes them)")
+    work = Path(work or C.WORK_DIR / f"deploy-{preset}")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not all(given):
+        teacher, student, bundle, _ = make_models(p, work, quiet)
+    for what, path in (("--teacher", teacher), ("--student", student)):
+        if not Path(path).is_file():
+            raise InputError(f"{what} {path}: file not found")
+    if volume is None:
+        volume = make_volume(p, work)
+        note = (f"Volume: one {p.task} phantom of {'x'.join(map(str, p.volume_shape))} voxels (seed {p.volume_seed}); "
+                f"{p.threads} thread(s), batch {p.batch_size}, {p.warmup} warm-up + {p.repeat} timed runs.")
+    else:
+        note = f"Volume: {volume}; {p.threads} thread(s), batch {p.batch_size}, {p.warmup} warm-up + {p.repeat} timed runs."
+    import torch
+
+    torch.set_num_threads(p.threads)
+    machine = C.machine_description(threads=p.threads)
+    sgemm = numpy_sgemm(p.sgemm_n, p.threads)
+    rows = measure_all(p, Path(teacher), Path(student), Path(bundle), Path(volume), p.threads, quiet)
+    ratios = derive(rows, sgemm)
+    command = C.command_line("benchmarks/deploy.py", click.get_current_context())
+    md = markdown_report(rows, sgemm, ratios, machine, command, preset, note + f" Wall time {time.perf_counter() - t0:.0f} s.")
+    out_rows = rows + [{**sgemm, "machine": machine, "ratios": ratios}]
+    paths = C.write_results(f"deploy-{preset}", out_rows, md, chart(rows), results)
+    if not quiet:
+        click.echo(md)
+        click.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    from regionkd.sdk.cli_common import run_cli
+
+    run_cli(main)

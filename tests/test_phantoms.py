@@ -1,0 +1,109 @@
+"""Phantoms: deterministic, anatomically plausible HU, labels in the dataset convention,
+confounders labelled the way the issue says, and a task a single HU threshold cannot solve."""
+import numpy as np
+import pytest
+
+from regionkd.train.data.phantom_anatomy import T
+from regionkd.train.data.phantoms import case_rng, draw_geometry, generate_phantom
+
+SHAPE = (96, 96, 32)
+
+
+def best_threshold_dice(values, target):
+    """Best Dice of `values >= thr` or `values <= thr` against `target` over every threshold."""
+    values, target = np.asarray(values, np.float64), np.asarray(target, bool)
+    positives, best = target.sum(), 0.0
+    for sign in (1.0, -1.0):
+        order = np.argsort(-sign * values, kind="stable")
+        v, t = sign * values[order], target[order]
+        tp = np.cumsum(t)
+        k = np.arange(1, len(v) + 1)
+        cut = np.r_[v[1:] != v[:-1], True]            # only between different values
+        best = max(best, float((2 * tp[cut] / (positives + k[cut])).max()))
+    return best
+
+
+def test_best_threshold_dice_on_hand_made_values():
+    # tumour = {9, 10}: the threshold >= 9 is perfect
+    assert best_threshold_dice([1, 2, 3, 9, 10], [0, 0, 0, 1, 1]) == pytest.approx(1.0)
+    # dark tumour {1}: best is <= 1, Dice 1
+    assert best_threshold_dice([1, 5, 6], [1, 0, 0]) == pytest.approx(1.0)
+    # ties cannot be split: values [5, 5] with one positive -> Dice 2*1/(1+2) = 2/3
+    assert best_threshold_dice([5, 5], [1, 0]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("task", ["liver", "kidney"])
+def test_same_seed_same_voxels(task):
+    a = generate_phantom(task, SHAPE, seed=7, index=1)
+    b = generate_phantom(task, SHAPE, seed=7, index=1)
+    c = generate_phantom(task, SHAPE, seed=7, index=2)
+    assert a.hu.dtype == np.int16 and a.label.dtype == np.uint8 and a.hu.shape == SHAPE
+    np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert not np.array_equal(a.hu, c.hu)
+
+
+def test_spacing_ranges_follow_the_matrix():
+    for i in range(20):
+        g = draw_geometry(case_rng(0, i), "liver", (512, 512, 100))
+        sx, sy, sz = g.spacing
+        assert 0.6 <= sx <= 0.9 and sx == sy and 1.2 <= sz <= 5.0
+        g = draw_geometry(case_rng(0, i), "liver", (256, 256, 48))
+        assert 1.2 <= g.spacing[0] <= 1.8 and 2.5 <= g.spacing[2] <= 5.0      # FOV of a 512 matrix; >= 120 mm in z
+
+
+def test_hu_of_tissues_and_label_convention():
+    p = generate_phantom("liver", (128, 128, 40), seed=0, index=0)
+    med = {t: float(np.median(p.hu[p.tissue == t])) for t in np.unique(p.tissue)}
+    assert med[T.AIR] < -900                          # outside the body
+    assert -130 < med[T.SUBCUT_FAT] < -70
+    assert 20 < med[T.MUSCLE] < 75
+    assert med[T.MARROW] > 120 and med[T.BONE] > 300  # cortical shell blurred into neighbours at 3 mm pixels
+    assert 45 < med[T.LIVER] < 125
+    assert set(np.unique(p.label)) <= {0, 1, 2}
+    # organ label = liver incl. its vessels and cysts; heart, stomach, IVC, spleen are background
+    for t in (T.LIVER, T.LIVER_VESSEL, T.LIVER_CYST):
+        assert np.all(p.label[p.tissue == t] == 1)
+    for t in (T.HEART, T.STOMACH_WALL, T.IVC, T.SPLEEN, T.GALLBLADDER, T.KIDNEY_CORTEX):
+        assert np.all(p.label[p.tissue == t] == 0)
+    assert np.all((p.label == 2) == (p.tissue == T.LIVER_TUMOUR))
+
+
+def test_confounders_are_present_at_liver_like_density():
+    seen, near = set(), []
+    for i in range(4):
+        p = generate_phantom("liver", (128, 128, 40), seed=1, index=i)
+        seen |= set(np.unique(p.tissue).tolist())
+        liver = p.info["liver_hu"]
+        for t in (T.HEART, T.IVC, T.SPLEEN):
+            if (p.tissue == t).sum() > 50:
+                near.append(abs(float(np.median(p.hu[p.tissue == t])) - liver))
+    assert {T.LIVER_VESSEL, T.LIVER_CYST, T.HEART, T.STOMACH_WALL, T.SPLEEN, T.IVC, T.BOWEL_AIR} <= seen
+    assert near and max(near) < 30.0                  # touching organs within 30 HU of the liver
+
+
+def test_kidney_labels_follow_kits19():
+    p = generate_phantom("kidney", (128, 128, 40), seed=0, index=0)
+    assert set(np.unique(p.label)) <= {0, 1, 2} and (p.label == 1).any()
+    for t in (T.KIDNEY_CORTEX, T.KIDNEY_MEDULLA, T.RENAL_PELVIS, T.KIDNEY_CYST):
+        assert np.all(p.label[p.tissue == t] == 1)
+    assert np.all(p.label[p.tissue == T.LIVER] == 0)
+    assert np.all((p.label == 2) == (p.tissue == T.KIDNEY_TUMOUR))
+
+
+@pytest.mark.parametrize("task", ["liver", "kidney"])
+def test_best_single_threshold_inside_the_organ_is_poor(task):
+    """Pooled over several small cases, no HU threshold (either polarity) inside the true organ
+    mask reaches tumour Dice 0.5."""
+    values, targets = [], []
+    for i in range(8):
+        p = generate_phantom(task, (192, 192, 48), seed=0, index=i)
+        organ = p.label > 0
+        values.append(p.hu[organ].astype(np.float64))
+        targets.append(p.label[organ] == 2)
+    target = np.concatenate(targets)
+    assert target.sum() > 100                         # there are tumours to find
+    dice = best_threshold_dice(np.concatenate(values), target)
+    print(f"{task}: best-threshold tumour Dice {dice:.3f}")
+    assert 0.0 < dice < 0.5

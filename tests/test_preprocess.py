@@ -1,0 +1,56 @@
+"""The slice pre/post-processing shared by training and the runtime."""
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from regionkd.sdk.preprocess import (
+    linear_resize_matrix, logits_to_labels, resize_labels_nearest, resize_slices, window_and_scale,
+)
+
+
+def test_window_and_scale_maps_window_to_unit_range():
+    hu = np.array([-1000.0, -60.0, 40.0, 140.0, 2000.0])
+    np.testing.assert_allclose(window_and_scale(hu, (-60, 140)), [-1.0, -1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError):
+        window_and_scale(hu, (10, 10))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (20, 30), (37, 51), (100, 13)])
+def test_resize_matches_torch_bilinear(size):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(2, 3, 37, 51)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(resize_slices(x, size), ref.numpy(), atol=2e-5)
+
+
+def test_resize_matches_the_dense_interpolation_matrices():
+    x = np.random.default_rng(1).normal(size=(3, 40, 24)).astype(np.float32)
+    a, b = linear_resize_matrix(40, 17), linear_resize_matrix(24, 50)
+    np.testing.assert_allclose(resize_slices(x, (17, 50)), a @ x @ b.T, atol=1e-5)
+
+
+def test_resize_two_pixels_by_hand():
+    # half-pixel centres: upsampling [0, 4] to 4 samples gives [0, 1, 3, 4]
+    x = np.array([[[0.0, 4.0]]], dtype=np.float32)
+    np.testing.assert_allclose(resize_slices(x, (1, 4))[0, 0], [0, 1, 3, 4])
+
+
+def test_nearest_label_resize_keeps_label_values():
+    lab = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    out = resize_labels_nearest(lab, (8, 8))
+    assert out.shape == (1, 8, 8) and set(np.unique(out)) == set(range(16))
+    assert out[0, 0, 0] == 0 and out[0, 7, 7] == 15 and out[0, 2, 0] == 4
+
+
+@pytest.mark.parametrize("shape_in,shape_out", [((32, 32), (80, 70)), ((64, 48), (40, 100)), ((16, 16), (16, 16))])
+def test_logits_to_labels_is_exactly_argmax_of_resized_logits(shape_in, shape_out):
+    rng = np.random.default_rng(2)
+    logits = gaussian_filter(rng.normal(size=(4, 3, *shape_in)), (0, 0, 2, 2)).astype(np.float32)
+    dense = np.einsum("xh,nchw,yw->ncxy", linear_resize_matrix(shape_in[0], shape_out[0]).astype(np.float64),
+                      logits.astype(np.float64), linear_resize_matrix(shape_in[1], shape_out[1]).astype(np.float64))
+    fast = logits_to_labels(logits, shape_out)
+    assert fast.dtype == np.uint8 and fast.shape == (4, *shape_out)
+    top2 = np.sort(dense, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-5        # away from float ties the answer is unique
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(fast[clear], dense.argmax(axis=1)[clear])
