@@ -79,7 +79,7 @@ PRESETS = {
     "smoke": Preset(tasks=("liver",), cases=4, shape=(64, 64, 8), input_size=64, batch_size=2,
                     samples_per_epoch=4, student_epochs=1, teacher_epochs_cap=2, teacher_chunk_epochs=1,
                     teacher_patience=1, seeds=(0, 1), students=("tinynet",), val_max_slices=8,
-                    sweep_students=("tinynet",), sweep_settings=SWEEP_SETTINGS[:3]),
+                    sweep_students=("tinynet",), sweep_settings=SWEEP_SETTINGS[:3], data_seed=0),
     # the same protocol at 128x128 on a 2-core CPU: 2 tasks x (teacher + 2 students x 4 KD x 2 seeds)
     "cpu": Preset(tasks=("liver", "kidney"), cases=24, shape=(192, 192, 32), input_size=128, batch_size=8,
                   samples_per_epoch=400, student_epochs=6, teacher_epochs_cap=20, teacher_chunk_epochs=2,
@@ -175,7 +175,7 @@ class Runner:
                 best, stale = score, 0
             else:
                 stale += 1
-                if stale >= p.teacher_patience:
+                if stale >= p.teacher_patience and target < cap:
                     reason = "plateau"
                     break
         status = {"stopped": reason, "steps": history[-1]["step"], "cap_steps": cap, "history": history}
@@ -254,6 +254,9 @@ def analyse(rows: list, setting_key: str = "kd", lesion: str = "tumour") -> dict
         for c in classes:
             m, s, n = C.mean_std(r["dice"][c] for r in rs)
             entry["dice"][c] = {"mean": m, "std": s}
+        r0 = rs[0]
+        entry["weights"] = ("-" if r0.get("alpha") is None else
+                            f"{r0['alpha']:g}/{r0['beta1']:g}/{r0['beta2']:g}, T={r0['temperature']:g}")
         entry["loss_final"] = {k: C.mean_std(r["loss_final"].get(k) for r in rs)[0]
                                for k in ("seg", "pmd", "imd", "rad")}
         stats.append(entry)
@@ -299,14 +302,14 @@ def markdown_report(title: str, an: dict, command: str, machine: dict, extra_lin
     for task in sorted({e["task"] for e in an["stats"]}):
         t = an["teachers"].get(task)
         classes = list(next(e for e in an["stats"] if e["task"] == task)["dice"])
-        header = ["arch", "setting", "seeds", *[f"Dice {c}" for c in classes], f"rel. impr. {lesion}",
+        header = ["arch", "setting", "α/β1/β2, T", "seeds", *[f"Dice {c}" for c in classes], f"rel. impr. {lesion}",
                   f"gap closed {lesion}", f"Δ{lesion} vs none, 95% CI", "seg", "pmd", "imd", "rad"]
         body = []
         if t:
-            body.append([f"{t['arch']} (teacher)", "-", "1", *[C.fmt(t["dice"].get(c)) for c in classes],
-                         "-", "-", "-", C.fmt(t["loss_final"].get("seg")), "-", "-", "-"])
-        for e in sorted((e for e in an["stats"] if e["task"] == task), key=lambda e: (e["arch"], str(e["setting"]))):
-            body.append([e["arch"], e["setting"], e["n_seeds"], *[_pm(e["dice"][c]) for c in classes],
+            body.append([f"{t['arch']} (teacher)", "-", "-", "1", *[C.fmt(t["dice"].get(c)) for c in classes],
+                         "-", "-", "-", C.fmt(t["loss_final"].get("seg"), 4), "-", "-", "-"])
+        for e in (e for e in an["stats"] if e["task"] == task):
+            body.append([e["arch"], e["setting"], e["weights"], e["n_seeds"], *[_pm(e["dice"][c]) for c in classes],
                          C.fmt(e["rel_improvement"].get(lesion), pct=True) if e["setting"] != "none" else "-",
                          C.fmt(e["gap_closed"].get(lesion), pct=True) if e["setting"] != "none" else "-",
                          _ci(e["ci_vs_none"].get(lesion)),
@@ -361,6 +364,7 @@ def chart(an: dict, lesion: str = "tumour"):
                           label="teacher" if i == 0 else None)
         ax.set_xticks(range(len(groups)), [f"{t}\n{a}" for t, a in groups])
         ax.set_ylabel(f"{lesion} Dice (per-case mean; bars: SD over seeds)")
+        ax.set_title("Students alone and distilled against the teacher (dashed)")
         ax.legend(fontsize=8, ncols=2)
     return draw
 

@@ -140,9 +140,11 @@ def test_teacher_with_other_input_size_is_refused(teacher_ckpt, data, cache, tmp
                           cache_dir=cache, **{**TINY, "input_size": 96}))
 
 
-def test_bad_options_and_missing_data(tmp_path):
+def test_bad_options_and_missing_data(data, cache, tmp_path):
     with pytest.raises(InputError, match="not a directory"):
         train(make_config("student", "tinynet", tmp_path / "nope", tmp_path / "s.pt", **TINY))
+    with pytest.raises(InputError, match="--arch: unknown model 'nonet'"):
+        train(make_config("student", "nonet", data, tmp_path / "s.pt", cache_dir=cache, **TINY))
     with pytest.raises(InputError, match="unknown term"):
         make_config("distill", "tinynet", tmp_path, tmp_path / "s.pt", teacher="t.pt", kd="pmd,xyz")
     with pytest.raises(InputError, match="needs --teacher"):

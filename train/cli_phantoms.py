@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from regionkd.sdk.atomic import atomic_directory
 
-from .data.layouts import LAYOUT_TASK, LAYOUTS, write_case, write_dataset_json
+from .data.layouts import LAYOUTS, write_case, write_dataset_json
 from .data.phantoms import DEFAULT_SHAPE, generate_phantom
 from .data.tasks import TASKS
 
@@ -28,7 +28,9 @@ def _parse_shape(ctx, param, value):
 @click.option("--task", type=click.Choice(sorted(TASKS)), default="liver", show_default=True,
               help="liver (labels 0/1 liver/2 tumour, as LiTS) or kidney (0/1 kidney/2 tumour, as KiTS19).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None,
-              help="Files and voxel order of LiTS, KiTS19 or MSD/nnU-Net raw. Default: lits for liver, kits19 for kidney.")
+              help="Files and voxel order of LiTS, KiTS19 (slice axis first) or MSD/nnU-Net raw. Default: lits for "
+                   "liver, kits19 for kidney. Readers take the task from the layout (LiTS liver, KiTS19 kidney) "
+                   "unless told otherwise; MSD records it in dataset.json.")
 @click.option("--cases", type=click.IntRange(1), default=4, show_default=True, help="Number of cases.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same voxels.")
 @click.option("--shape", default=",".join(map(str, DEFAULT_SHAPE)), show_default=True, callback=_parse_shape,
@@ -46,11 +48,10 @@ def phantoms(out, task, layout, cases, seed, shape, overwrite, quiet):
     place when complete.
     """
     layout = layout or ("kits19" if task == "kidney" else "lits")
-    if layout in LAYOUT_TASK and LAYOUT_TASK[layout] != task:
-        raise click.BadParameter(f"the {layout} layout holds the {LAYOUT_TASK[layout]} task, not {task}",
-                                 param_hint="--layout")
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
     ids, tumours = [], 0
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:
         for i in tqdm(range(cases), desc=f"phantoms ({task}, {layout})", unit="case", disable=quiet):
             p = generate_phantom(task, shape, seed=seed, index=i)
             ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))

@@ -368,7 +368,10 @@ def train(cfg: TrainConfig) -> dict:
             raise InputError(f"--data {data_root}: the training cases hold no slices")
 
         seed_everything(cfg.seed)
-        net = create_model(cfg.arch, num_classes=len(class_names)).to(proc.device)
+        try:
+            net = create_model(cfg.arch, num_classes=len(class_names)).to(proc.device)
+        except ValueError as exc:
+            raise InputError(f"--arch: {exc}") from exc
         teacher, t_ckpt = (None, None)
         if cfg.mode == "distill":
             teacher, t_ckpt = load_teacher(cfg, class_names, window, proc.device)
@@ -387,7 +390,7 @@ def train(cfg: TrainConfig) -> dict:
         metrics: dict = {}
         resumed = cfg.resume and out.is_file()
         if resumed:
-            ckpt = load_checkpoint(out, map_location=proc.device)
+            ckpt = load_checkpoint(out)   # CPU: RNG states must stay CPU tensors; Adam moves its state
             check_resumable(ckpt, cfg, out)
             st = ckpt["train_state"]
             net.load_state_dict(ckpt["model_state"])

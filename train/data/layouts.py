@@ -59,9 +59,8 @@ def case_paths(root, layout: str, index: int, task: str | None = None) -> tuple[
 def write_case(root, layout: str, index: int, hu: np.ndarray, label: np.ndarray, affine: np.ndarray,
                task: str | None = None) -> str:
     """Write one case given in canonical (RAS) order: int16 image, uint8 label, in the layout's
-    file names and voxel order. Returns the case id."""
-    if layout in LAYOUT_TASK and task not in (None, LAYOUT_TASK[layout]):
-        raise InputError(f"layout {layout} holds task {LAYOUT_TASK[layout]!r}, not {task!r}")
+    file names and voxel order. Returns the case id. Any task can be written in any layout (a
+    liver case in the KiTS19 layout tests slice-axis-first reading); `task` names MSD cases."""
     cid, image_path, label_path = case_paths(root, layout, index, task)
     codes = LAYOUT_AXCODES[layout]
     img, aff = from_canonical(np.asarray(hu, np.int16), affine, codes)
@@ -242,21 +241,25 @@ def detect_layout(root) -> str:
                      "MSD/nnU-Net (dataset.json + imagesTr/) dataset")
 
 
-def open_dataset(root) -> Dataset:
-    """Detect the layout of `root` and list its cases (nothing is read until `load_case`)."""
+def open_dataset(root, task: str | None = None) -> Dataset:
+    """Detect the layout of `root` and list its cases (nothing is read until `load_case`).
+    The task comes from the layout (LiTS liver, KiTS19 kidney, MSD from dataset.json) unless
+    `task` says otherwise."""
     root = Path(root)
+    if task is not None:
+        get_task(task)
     layout = detect_layout(root)
     if layout == "lits":
-        pairs, task = _lits_pairs(root), "liver"
+        pairs, detected = _lits_pairs(root), LAYOUT_TASK["lits"]
     elif layout == "kits19":
-        pairs, task = _kits_pairs(_kits_dir(root)), "kidney"
+        pairs, detected = _kits_pairs(_kits_dir(root)), LAYOUT_TASK["kits19"]
     else:
         meta_path = root / "dataset.json"
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{meta_path}: unreadable dataset.json ({exc})") from exc
-        pairs, task = _msd_pairs(root), _msd_task(meta, meta_path)
+        pairs, detected = _msd_pairs(root), _msd_task(meta, meta_path)
     if not pairs:
         raise InputError(f"{root}: {layout} dataset without any labelled case")
-    return Dataset(root, layout, task, pairs)
+    return Dataset(root, layout, task or detected, pairs)

@@ -10,6 +10,9 @@ from .phantom_anatomy import KIDNEY_IDS, LIVER_IDS, T
 from .phantom_fields import Canvas, capsule_sdf, ellipsoid_sdf
 
 
+BOWEL_IDS = (T.BOWEL_WALL, T.BOWEL_CONTENT, T.BOWEL_AIR)
+
+
 def _log_uniform(rng, lo, hi):
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
@@ -153,7 +156,7 @@ def paint_kidney_cysts(canvas: Canvas, rng, pal, geo, tex) -> None:
                 continue
             xw, yw, zz = canvas.coords(box)
             f = ellipsoid_sdf(xw, yw, zz, c, r * rng.uniform(0.85, 1.15, 3))
-            where = canvas.tissue_in(box, KIDNEY_IDS + (T.FAT, T.RENAL_SINUS))
+            where = canvas.tissue_in(box, KIDNEY_IDS + (T.FAT, T.RENAL_SINUS) + BOWEL_IDS)
             canvas.paint(box, f, T.KIDNEY_CYST, pal["water"] + 2.0 * tex[box], where=where)
 
 
@@ -171,7 +174,8 @@ def paint_kidney_tumours(canvas: Canvas, rng, pal, geo, tex) -> list[dict]:
         box, f = _lobulated(canvas, rng, c, r, tex)
         if box is None:
             continue
-        where = canvas.tissue_in(box, KIDNEY_IDS + (T.FAT, T.RENAL_SINUS, T.KIDNEY_TUMOUR, T.VESSEL))
+        # exophytic masses push fat and bowel aside (they are not cut by them)
+        where = canvas.tissue_in(box, KIDNEY_IDS + (T.FAT, T.RENAL_SINUS, T.KIDNEY_TUMOUR, T.VESSEL) + BOWEL_IDS)
         solid = 40.0 + p * rng.uniform(30.0, 110.0)
         texture = rng.uniform(8.0, 15.0) * tex[box]
         rim = solid + p * rng.uniform(20.0, 60.0)

@@ -9,7 +9,8 @@ Geometry is in mm, so organ sizes do not depend on the voxel size. The field of 
 a 512-matrix scan at 0.6-0.9 mm; a smaller matrix gets proportionally larger voxels, as if the
 scan were downsampled. Slices are 1-5 mm thick, thicker when there are too few of them to cover
 120 mm. The image is point-sampled, blurred along z (slice profile / partial volume), gets a
-smooth low-frequency bias and in-plane correlated Gaussian noise (sigma 10-25 HU), and is
+smooth low-frequency bias and slightly in-plane-correlated Gaussian noise (sigma 10-25 HU, mean
+15, so that most cases are limited by the confounders rather than by noise), and is
 stored as int16 HU like a real scan. Everything is drawn from one numpy Generator: the same seed
 gives the same voxels.
 """
@@ -108,7 +109,7 @@ def _image_formation(rng, canvas: Canvas, grid: Grid) -> tuple[np.ndarray, dict]
     bias *= bias_amp
     hu += bias
     del bias
-    sigma = rng.uniform(10.0, 25.0)
+    sigma = 10.0 + 15.0 * rng.uniform() ** 2        # 10-25 HU, more often low: mean 15
     corr = 0.5                                                                    # in-plane noise correlation, px
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0.0), truncate=2.0)
