@@ -25,10 +25,11 @@ DONE_MARKER = ".done"
 # ----------------------------------------------------------------------------- data
 
 def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int], seed: int,
-                         layout: str = "lits") -> Path:
+                         layout: str | None = None) -> Path:
     """A phantom dataset written by `regionkd-train phantoms` (called in-process), reused when a
     previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time."""
     root = Path(root)
+    layout = layout or ("kits19" if task == "kidney" else "lits")
     marker = root / DONE_MARKER
     wanted = {"task": task, "cases": int(cases), "shape": [int(v) for v in shape], "seed": int(seed), "layout": layout}
     if marker.is_file():

@@ -80,9 +80,12 @@ PRESETS = {
                     samples_per_epoch=4, student_epochs=1, teacher_epochs_cap=2, teacher_chunk_epochs=1,
                     teacher_patience=1, seeds=(0, 1), students=("tinynet",), val_max_slices=8,
                     sweep_students=("tinynet",), sweep_settings=SWEEP_SETTINGS[:3], data_seed=0),
-    # the same protocol at 128x128 on a 2-core CPU: 2 tasks x (teacher + 2 students x 4 KD x 2 seeds)
-    "cpu": Preset(tasks=("liver", "kidney"), cases=24, shape=(192, 192, 32), input_size=128, batch_size=8,
-                  samples_per_epoch=400, student_epochs=6, teacher_epochs_cap=20, teacher_chunk_epochs=2,
+    # the same protocol at 96x96 on a 2-core CPU: 2 tasks x (teacher + 2 students x 4 KD x 2 seeds).
+    # Budget (per-step times measured at 128x128, batch 8, 2 threads on a busy machine: RAUNet 3.55 s
+    # train / 1.05 s forward, ENet 0.21 s, MobileNetV2 0.14 s; scaled by pixels to 96x96): per task about
+    # 800 s teacher + 12 distilled runs x 250 steps x 0.7 s + 4 baselines x 250 x 0.1 s = about 50 min.
+    "cpu": Preset(tasks=("liver", "kidney"), cases=24, shape=(160, 160, 32), input_size=96, batch_size=8,
+                  samples_per_epoch=400, student_epochs=5, teacher_epochs_cap=8, teacher_chunk_epochs=2,
                   teacher_patience=2, seeds=(0, 1), students=("enet", "mobilenetv2"), val_max_slices=192,
                   sweep_settings=SWEEP_SETTINGS),
     # the paper's sizes (384x384 slices, batch 16, 30 epochs for a student), for a GPU
@@ -384,6 +387,8 @@ def _cuda_available() -> bool:
 @click.option("--with-resnet18", is_flag=True, help="Also run ResNet-18 as a student.")
 @click.option("--with-espnet", is_flag=True, help="Also run ESPNet as a student.")
 @click.option("--seeds", help="Comma-separated seeds instead of the preset's.")
+@click.option("--teacher-epochs-cap", type=click.IntRange(min=1),
+              help="Most teacher epochs (default: preset); the teacher stops earlier when validation Dice plateaus.")
 @click.option("--sweep", is_flag=True, help="Run the capacity x KD-weight x temperature grid (first task) "
                                             "into kd_ablation-<preset>-sweep.* instead of the ablation.")
 @click.option("--device", default=None, help="auto, cpu, cuda (default: cuda for the paper preset, else cpu).")
@@ -393,7 +398,7 @@ def _cuda_available() -> bool:
               help="Where the JSON, Markdown and PNG go.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the trainer's own progress bars.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def main(preset, tasks, students, with_resnet18, with_espnet, seeds, sweep, device, work, results, verbose, quiet):
+def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epochs_cap, sweep, device, work, results, verbose, quiet):
     """Train and evaluate teacher, students alone and distilled students on phantoms; write
     benchmarks/results/kd_ablation-<preset>.{json,md,png} (with --sweep: kd_ablation-<preset>-sweep.*)."""
     from tqdm import tqdm
@@ -408,6 +413,8 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, sweep, devi
     p = replace(p, students=p.students + (("resnet18",) if with_resnet18 else ()) + (("espnet",) if with_espnet else ()))
     if seeds:
         p = replace(p, seeds=tuple(int(s) for s in seeds.split(",")))
+    if teacher_epochs_cap:
+        p = replace(p, teacher_epochs_cap=teacher_epochs_cap)
     device = device or ("cuda" if p.needs_gpu else "cpu")
     if device.startswith("cuda") and not _cuda_available():
         click.echo(f"kd_ablation --preset {preset}: training at this size needs a CUDA GPU and there is none here; "

@@ -244,3 +244,15 @@ def test_scripts_have_help():
     for command, word in ((kd_ablation.main, "--sweep"), (deploy.main, "--bundle")):
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0 and word in result.output and "--quiet" in result.output
+
+
+def test_phantom_dataset_is_reused_and_a_different_one_refused(ablation):
+    from regionkd.sdk.errors import InputError
+
+    work, _ = ablation
+    data = work / "liver" / "data"
+    stamp = (data / C.DONE_MARKER).stat().st_mtime_ns
+    assert C.make_phantom_dataset(data, "liver", 4, (64, 64, 8), 0) == data        # the smoke preset's dataset
+    assert (data / C.DONE_MARKER).stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match="another phantom dataset"):
+        C.make_phantom_dataset(data, "liver", 5, (64, 64, 8), 0)

@@ -223,30 +223,42 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
     return geo
 
 
+def _column(canvas, cx, cy, a, b, z_top=1e4):
+    """Box and signed distance of a vertical elliptic column ending at height z_top."""
+    box = canvas.grid.box((cx - a - 12.0, cy - b - 12.0, -1e4), (cx + a + 12.0, cy + b + 12.0, z_top + 5.0))
+    if box is None:
+        return None, None
+    xw, yw, zz = canvas.coords(box)
+    f = ellipse_sdf(xw, yw, cx, cy, a, b)
+    if z_top < 1e4:
+        f = np.maximum(f, zz - z_top)
+    return box, f
+
+
 def _spine(canvas, rng, pal, sy, tex):
     u = rng.uniform
-    g = canvas.grid
-    box = g.box((-80.0, sy - 80.0, -1e4), (80.0, sy + 30.0, 1e4))
-    if box is None:
-        return
-    xw, yw, zz = canvas.coords(box)
     # paraspinal and psoas muscles
     for side in (1.0, -1.0):
-        f = ellipse_sdf(xw, yw, side * u(26, 32), sy - 32.0, u(18, 24), u(20, 26))
-        canvas.paint(box, f, T.MUSCLE, pal["muscle"] + 4.0 * tex[box])
-        f = ellipse_sdf(xw, yw, side * u(32, 40), sy + 5.0, u(12, 18), u(12, 18)) + np.maximum(zz + 40.0, 0.0)
-        canvas.paint(box, f, T.MUSCLE, pal["muscle"] + 4.0 * tex[box])
+        for (cx, cy, a, b, top) in ((side * u(26, 32), sy - 32.0, u(18, 24), u(20, 26), 1e4),
+                                    (side * u(32, 40), sy + 5.0, u(12, 18), u(12, 18), -40.0)):
+            box, f = _column(canvas, cx, cy, a, b, top)
+            if box is not None:
+                canvas.paint(box, f, T.MUSCLE, pal["muscle"] + 4.0 * tex[box])
     # vertebral body: cortical shell, marrow, discs every ~30 mm
     rx, ry = u(18, 23), u(15, 19)
-    body = ellipse_sdf(xw, yw, 0.0, sy, rx, ry)
-    canvas.paint(box, body, T.BONE, pal["bone"])
-    canvas.paint(box, body + u(2.0, 3.0), T.MARROW, pal["marrow"] + 15.0 * tex[box])
+    box, body = _column(canvas, 0.0, sy, rx, ry)
     period, phase, thick = u(28, 33), u(0, 30), u(6, 9)
-    disc_z = np.abs(((zz - phase) % period) - period / 2) - (period / 2 - thick / 2)
-    canvas.paint(box, np.maximum(body + 0.5, -disc_z), T.DISC, pal["disc"] + 3.0 * tex[box])
+    if box is not None:
+        canvas.paint(box, body, T.BONE, pal["bone"])
+        canvas.paint(box, body + u(2.0, 3.0), T.MARROW, pal["marrow"] + 15.0 * tex[box])
+        zz = canvas.grid.z[box[2]][None, None, :]
+        disc_z = np.abs(((zz - phase) % period) - period / 2) - (period / 2 - thick / 2)
+        canvas.paint(box, np.maximum(body + 0.5, -disc_z), T.DISC, pal["disc"] + 3.0 * tex[box])
     # neural arch, canal and spinous process
-    ring = ellipse_sdf(xw, yw, 0.0, sy - ry - 10.0, 15.0, 12.0)
-    canvas.paint(box, ring, T.BONE, 0.6 * pal["bone"])
-    canvas.paint(box, ring + 4.0, T.CANAL, 20.0)
-    spinous = ellipse_sdf(xw, yw, 0.0, sy - ry - 32.0, 5.0, 14.0)
-    canvas.paint(box, spinous, T.BONE, 0.6 * pal["bone"])
+    box, ring = _column(canvas, 0.0, sy - ry - 10.0, 15.0, 12.0)
+    if box is not None:
+        canvas.paint(box, ring, T.BONE, 0.6 * pal["bone"])
+        canvas.paint(box, ring + 4.0, T.CANAL, 20.0)
+    box, spinous = _column(canvas, 0.0, sy - ry - 32.0, 5.0, 14.0)
+    if box is not None:
+        canvas.paint(box, spinous, T.BONE, 0.6 * pal["bone"])
