@@ -121,13 +121,14 @@ def make_models(p: Preset, work: Path, quiet: bool) -> tuple[Path, Path, Path, P
 
 def make_volume(p: Preset, work: Path) -> Path:
     """The timed volume: one phantom of the preset's shape, written once as NIfTI."""
+    from regionkd.sdk.atomic import atomic_path
     from regionkd.sdk.cli_bench import write_volume
     from regionkd.train.data.phantoms import generate_phantom
 
     path = work / f"volume-{'x'.join(map(str, p.volume_shape))}.nii.gz"
     if not path.is_file():
         ph = generate_phantom(p.task, p.volume_shape, seed=p.data_seed, index=p.cases)
-        with C.atomic_path(path, suffix=".nii.gz") as tmp:
+        with atomic_path(path, suffix=".nii.gz") as tmp:
             write_volume(tmp, ph.hu, ph.affine)
     return path
 

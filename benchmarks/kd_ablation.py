@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -60,7 +60,6 @@ class Preset:
     data_seed: int = 2021
     sweep_students: tuple = ("enet", "espnet", "tinynet")
     sweep_settings: tuple = ()
-    extra: dict = field(default_factory=dict)
 
 
 # The KD-weight / temperature grid of --sweep: one factor at a time around the paper's setting.
@@ -239,7 +238,7 @@ def case_means(rows, cls: str) -> dict:
     return {cid: sum(v) / len(v) for cid, v in acc.items()}
 
 
-def paired_ci(a_rows, b_rows, cls: str, ref_voxels_ok=None):
+def paired_ci(a_rows, b_rows, cls: str):
     """Bootstrap interval over validation cases of mean(Dice_a - Dice_b) per case (seed means)."""
     a, b = case_means(a_rows, cls), case_means(b_rows, cls)
     diffs = [a[c] - b[c] for c in sorted(set(a) & set(b))]

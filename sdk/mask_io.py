@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .atomic import atomic_path
+from .volume_io import save_nifti_atomic
 from .errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -55,8 +55,4 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 def write_mask(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Save atomically: an interrupted or failed write leaves no file at `path`."""
-    path = check_output_path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    with atomic_path(path, suffix=suffix) as tmp:
-        nib.save(image, tmp)
-    return path
+    return save_nifti_atomic(image, check_output_path(path))

@@ -59,7 +59,8 @@ def _linear_taps(n_in: int, n_out: int):
     return i0, i1, (pos - i0).astype(np.float32)
 
 
-def _resize_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+def resize_axis_linear(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    """Linearly resample one axis of float32 `x` to n_out samples (half-pixel centres)."""
     n_in = x.shape[axis]
     if n_in == n_out:
         return x
@@ -84,8 +85,8 @@ def resize_slices(slices: np.ndarray, size) -> np.ndarray:
         return slices
     # shrink first so the second pass moves less memory
     if h * y <= x * w:
-        return _resize_axis(_resize_axis(slices, slices.ndim - 2, h), slices.ndim - 1, w)
-    return _resize_axis(_resize_axis(slices, slices.ndim - 1, w), slices.ndim - 2, h)
+        return resize_axis_linear(resize_axis_linear(slices, slices.ndim - 2, h), slices.ndim - 1, w)
+    return resize_axis_linear(resize_axis_linear(slices, slices.ndim - 1, w), slices.ndim - 2, h)
 
 
 def resize_labels_nearest(labels: np.ndarray, size) -> np.ndarray:

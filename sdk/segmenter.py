@@ -28,6 +28,7 @@ from .orientation import to_canonical
 from .postprocess import keep_largest_components
 from .preprocess import logits_to_labels, preprocess_slices, slices_to_volume, volume_to_slices
 from .timing import StageTimer
+from .volume_io import validate_image
 
 LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "metastasis")
 
@@ -53,31 +54,9 @@ def image_to_hu(image, name: str = "image") -> np.ndarray:
     """float32 voxels of an in-memory nibabel image, validated like a file (3D, finite, usable affine)."""
     if not isinstance(image, nib.spatialimages.SpatialImage):
         raise InputError(f"{name}: expected a nibabel image, got {type(image).__name__}")
-    shape = tuple(image.shape)
-    squeeze = len(shape) == 4 and shape[3] == 1        # same rule as volume_io.read_nifti
-    if len(shape) != 3 and not squeeze:
-        raise InputError(f"{name}: expected a 3D CT volume, got shape {shape} ({len(shape)}D)")
-    if min(shape) < 1:
-        raise InputError(f"{name}: empty volume of shape {shape}")
-    validate_affine(image.affine, name)
     dataobj = image.dataobj
     data = dataobj.get_scaled(np.float32) if hasattr(dataobj, "get_scaled") else np.asarray(dataobj, dtype=np.float32)
-    if squeeze:
-        data = data[..., 0]
-    check_finite(data, name)
-    return data
-
-
-def validate_affine(affine, name: str) -> None:
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"{name}: the affine is missing, singular or not finite; cannot orient the volume")
-
-
-def check_finite(data: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(data)):
-        bad_nan, bad_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
-        raise InputError(f"{name}: {bad_nan} NaN and {bad_inf} infinite voxels; refusing to segment")
+    return validate_image(data, image.affine, name)[0]
 
 
 class Segmenter:

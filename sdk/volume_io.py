@@ -89,7 +89,7 @@ def _read_voxels(img, path: Path, kind: str) -> np.ndarray:
         raise InputError(f"{path}: truncated or corrupt voxel data ({type(exc).__name__}: {exc})") from exc
 
 
-def _check_shape(data: np.ndarray, path: Path) -> np.ndarray:
+def _check_shape(data: np.ndarray, path) -> np.ndarray:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim < 3:
@@ -102,7 +102,7 @@ def _check_shape(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
-def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
+def _check_affine(affine: np.ndarray, path) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
         raise InputError(f"{path}: the affine (voxel-to-world matrix) has non-finite entries:\n{affine}")
@@ -133,6 +133,19 @@ def _labels_as_integers(data: np.ndarray, path: Path) -> np.ndarray:
     return values.astype(np.int32, copy=False)
 
 
+def validate_image(data: np.ndarray, affine, name) -> tuple[np.ndarray, np.ndarray]:
+    """Check voxels and affine of a CT image read from anywhere (a file, a DICOM series, memory):
+    3D (a trailing axis of length 1 is dropped), non-empty, all finite, a usable affine.
+    Returns (data, affine as float64); raises InputError naming `name`."""
+    data = _check_shape(data, name)
+    affine = _check_affine(affine, name)
+    if not np.all(np.isfinite(data)):
+        n_nan = int(np.count_nonzero(np.isnan(data)))
+        n_inf = int(np.count_nonzero(np.isinf(data)))
+        raise InputError(f"{name}: {n_nan + n_inf} voxel(s) are NaN or infinite ({n_nan} NaN, {n_inf} infinite)")
+    return data, affine
+
+
 def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
     """Read and validate a 3D NIfTI file (.nii or .nii.gz).
 
@@ -150,13 +163,11 @@ def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty (0 bytes)")
     img = _load_image(path)
-    data = _check_shape(_read_voxels(img, path, kind), path)
-    affine = _check_affine(img.affine, path)
+    data = _read_voxels(img, path, kind)
     if kind == "image":
-        if not np.all(np.isfinite(data)):
-            n_bad = int(np.count_nonzero(~np.isfinite(data)))
-            raise InputError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
+        data, affine = validate_image(data, img.affine, path)
     else:
+        data, affine = _check_shape(data, path), _check_affine(img.affine, path)
         data = _labels_as_integers(data, path)
     return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind)
 
@@ -171,17 +182,14 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
     img.header.set_slope_inter(1.0, 0.0)
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
+    return save_nifti_atomic(img, path)
+
+
+def save_nifti_atomic(img, path: str | os.PathLike) -> Path:
+    """nib.save through a temporary file with the same suffix (nibabel picks the format from
+    it), renamed into place: a failed write leaves no file at `path`."""
+    path = Path(path)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
     return path
-
-
-def write_mask(path: str | os.PathLike, mask: np.ndarray, like: NiftiVolume) -> Path:
-    """Write a uint8 mask in `like`'s voxel order with `like`'s affine and header geometry."""
-    mask = np.asarray(mask)
-    if mask.shape != like.data.shape:
-        raise InputError(f"{path}: mask shape {mask.shape} does not match {like.path} ({like.data.shape})")
-    header = like.header.copy()
-    header.set_data_shape(mask.shape)
-    return write_nifti(path, mask.astype(np.uint8, copy=False), like.affine, header=header)

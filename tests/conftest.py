@@ -156,3 +156,14 @@ def phantom_nifti(tmp_path):
     path = tmp_path / "phantom.nii.gz"
     nib.save(img, str(path))
     return path
+
+
+def run_main(main, argv, capsys):
+    """Run a CLI's main() in-process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -7,18 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run_main
+
 from regionkd.sdk.cli_bench import format_table, main, percentile, synthetic_ct
 from regionkd.sdk.timing import STAGES
 
 
 def run(argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, argv, capsys)
 
 
 def test_percentile_is_numpy_linear():

@@ -9,20 +9,14 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_phantom
+from conftest import make_phantom, run_main
 from PIL import Image
 
 from regionkd.sdk.cli_segment import main
 
 
 def run(argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, argv, capsys)
 
 
 def save(path, data, affine=None):

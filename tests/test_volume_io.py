@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from regionkd.sdk.errors import InputError
-from regionkd.sdk.volume_io import read_nifti, write_mask, write_nifti
+from regionkd.sdk.mask_io import mask_image, write_mask
+from regionkd.sdk.volume_io import read_nifti, write_nifti
 
 AFF = np.diag([0.8, 0.8, 2.5, 1.0])
 
@@ -48,7 +49,8 @@ def test_write_nifti_and_mask_roundtrip(tmp_path):
     vol = read_nifti(p)
     np.testing.assert_array_equal(vol.data, data.astype(np.float32))
     mask = (data > 0).astype(np.uint8)
-    m = read_nifti(write_mask(tmp_path / "m.nii.gz", mask, vol), kind="label")
+    m = read_nifti(write_mask(mask_image(mask, vol.affine, vol.header, ["background", "body"]),
+                              tmp_path / "m.nii.gz"), kind="label")
     np.testing.assert_array_equal(m.data, mask)
     np.testing.assert_allclose(m.affine, vol.affine)
     assert not list(tmp_path.glob(".*"))                 # no temporary files left behind

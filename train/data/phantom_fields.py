@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from regionkd.sdk.preprocess import linear_resize_matrix
+from regionkd.sdk.preprocess import linear_resize_matrix, resize_axis_linear
 
 
 @dataclass
@@ -54,24 +54,6 @@ class Grid:
         return tuple(out)
 
 
-def _lerp_along(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Linear resampling of one axis to n_out samples (half-pixel centres, like
-    `linear_resize_matrix`) by gathering the two neighbours: cheap when the input axis is long."""
-    n_in = a.shape[axis]
-    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    i0 = np.floor(pos).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    shape = [1] * a.ndim
-    shape[axis] = n_out
-    w = (pos - i0).astype(np.float32).reshape(shape)
-    lo = np.take(a, i0, axis=axis)
-    hi = np.take(a, i1, axis=axis)
-    hi -= lo
-    hi *= w
-    lo += hi
-    return lo
-
-
 def upsample_separable(coarse: np.ndarray, shape) -> np.ndarray:
     """Linear upsampling of a small 3D array to `shape`, one axis at a time: a matrix product
     for short coarse axes (BLAS), a two-neighbour gather for long ones."""
@@ -84,7 +66,7 @@ def upsample_separable(coarse: np.ndarray, shape) -> np.ndarray:
             m = linear_resize_matrix(n_in, n_out)
             t = np.moveaxis(np.tensordot(t, m, axes=([axis], [1])), -1, axis)
         else:
-            t = _lerp_along(t, n_out, axis)
+            t = resize_axis_linear(t, axis, n_out)
     return np.ascontiguousarray(t)
 
 
