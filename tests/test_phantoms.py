@@ -107,3 +107,11 @@ def test_best_single_threshold_inside_the_organ_is_poor(task):
     dice = best_threshold_dice(np.concatenate(values), target)
     print(f"{task}: best-threshold tumour Dice {dice:.3f}")
     assert 0.0 < dice < 0.5
+
+
+@pytest.mark.parametrize("task", ["liver", "kidney"])
+def test_tiny_thick_slice_phantoms_generate(task):
+    """With 8 slices over 120 mm a small lesion can fall between slice centres; that must not crash."""
+    for seed, index in [(2021, 0), (0, 1), (1, 2)]:
+        ph = generate_phantom(task, shape=(64, 64, 8), seed=seed, index=index)
+        assert ph.hu.shape == (64, 64, 8) and set(np.unique(ph.label)) <= {0, 1, 2}

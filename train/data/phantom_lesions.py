@@ -101,6 +101,8 @@ def paint_liver_vessels_and_cysts(canvas: Canvas, rng, pal, geo, tex) -> None:
         if c is None:
             continue
         box = canvas.box_around(c, 1.3 * r + 2.0)
+        if box is None:         # thick slices: no voxel centre within reach of this small cyst
+            continue
         xw, yw, zz = canvas.coords(box)
         f = ellipsoid_sdf(xw, yw, zz, c, r * rng.uniform(0.85, 1.15, 3), rng.uniform(0, np.pi))
         canvas.paint(box, f, T.LIVER_CYST, pal["water"] + 2.0 * tex[box], where=canvas.tissue_in(box, LIVER_IDS))
