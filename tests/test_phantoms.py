@@ -5,22 +5,9 @@ import pytest
 
 from regionkd.train.data.phantom_anatomy import T
 from regionkd.train.data.phantoms import case_rng, draw_geometry, generate_phantom
+from regionkd.train.metrics import best_threshold_dice
 
 SHAPE = (96, 96, 32)
-
-
-def best_threshold_dice(values, target):
-    """Best Dice of `values >= thr` or `values <= thr` against `target` over every threshold."""
-    values, target = np.asarray(values, np.float64), np.asarray(target, bool)
-    positives, best = target.sum(), 0.0
-    for sign in (1.0, -1.0):
-        order = np.argsort(-sign * values, kind="stable")
-        v, t = sign * values[order], target[order]
-        tp = np.cumsum(t)
-        k = np.arange(1, len(v) + 1)
-        cut = np.r_[v[1:] != v[:-1], True]            # only between different values
-        best = max(best, float((2 * tp[cut] / (positives + k[cut])).max()))
-    return best
 
 
 def test_best_threshold_dice_on_hand_made_values():

@@ -37,9 +37,12 @@ def _parse_shape(ctx, param, value):
               help="X,Y in-plane voxels and Z slices (whatever order the layout stores). The field of view is "
                    "that of a 512 matrix at 0.6-0.9 mm, so 256 gives 1.2-1.8 mm pixels; slices are 1-5 mm, "
                    "thicker when Z is too small to cover 120 mm.")
+@click.option("--min-lesion-mm", type=click.FloatRange(0, 80), default=0.0, show_default=True,
+              help="Smallest tumour diameter in mm (default: liver 3-40 mm, kidney 12-80 mm). Raise it for coarse "
+                   "CPU runs, where lesions of a pixel or two cannot be learned.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def phantoms(out, task, layout, cases, seed, shape, overwrite, quiet):
+def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, overwrite, quiet):
     """Write OUT: synthetic abdominal CT phantoms with labels, in a public dataset's layout.
 
     Anatomy in HU (fat, muscle, liver, spleen, kidneys, stomach, bowel, heart, lungs, spine),
@@ -53,7 +56,7 @@ def phantoms(out, task, layout, cases, seed, shape, overwrite, quiet):
     ids, tumours = [], 0
     with atomic_directory(out, overwrite=True) as tmp:
         for i in tqdm(range(cases), desc=f"phantoms ({task}, {layout})", unit="case", disable=quiet):
-            p = generate_phantom(task, shape, seed=seed, index=i)
+            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm)
             ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
             tumours += len(p.info["tumours"])
         if layout == "msd":

@@ -96,3 +96,18 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], la
 def reference_present(ref: np.ndarray, label: int) -> bool:
     """Whether a case counts for `label`'s mean under the LiTS convention (non-empty reference)."""
     return bool(np.any(np.asarray(ref) == label))
+
+
+def best_threshold_dice(values, target):
+    """Best Dice of `values >= thr` or `values <= thr` against `target` over every threshold:
+    how far a single intensity threshold gets (the phantoms' difficulty check)."""
+    values, target = np.asarray(values, np.float64), np.asarray(target, bool)
+    positives, best = target.sum(), 0.0
+    for sign in (1.0, -1.0):
+        order = np.argsort(-sign * values, kind="stable")
+        v, t = sign * values[order], target[order]
+        tp = np.cumsum(t)
+        k = np.arange(1, len(v) + 1)
+        cut = np.r_[v[1:] != v[:-1], True]            # only between different values
+        best = max(best, float((2 * tp[cut] / (positives + k[cut])).max()))
+    return best

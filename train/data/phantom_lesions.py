@@ -108,8 +108,8 @@ def paint_liver_vessels_and_cysts(canvas: Canvas, rng, pal, geo, tex) -> None:
         canvas.paint(box, f, T.LIVER_CYST, pal["water"] + 2.0 * tex[box], where=canvas.tissue_in(box, LIVER_IDS))
 
 
-def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex) -> list[dict]:
-    """Several lesions 3-40 mm across, or none (20% of cases)."""
+def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: float = 0.0) -> list[dict]:
+    """Several lesions 3-40 mm across (at least `min_diameter_mm`), or none (20% of cases)."""
     (rc, rs), (lc, ls) = geo["liver"]["right"], geo["liver"]["left"]
     lo = np.minimum(np.subtract(rc, rs), np.subtract(lc, ls))
     hi = np.maximum(np.add(rc, rs), np.add(lc, ls))
@@ -117,7 +117,7 @@ def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex) -> list[dict]:
     liver = pal["liver"]
     out = []
     for _ in range(n):
-        r = _log_uniform(rng, 1.5, 20.0)
+        r = _log_uniform(rng, max(1.5, min_diameter_mm / 2), 20.0)
         c = _sample_inside(canvas, rng, lo, hi, (T.LIVER, T.LIVER_VESSEL, T.LIVER_TUMOUR), 0.6 * r)
         if c is None:
             continue
@@ -162,8 +162,9 @@ def paint_kidney_cysts(canvas: Canvas, rng, pal, geo, tex) -> None:
             canvas.paint(box, f, T.KIDNEY_CYST, pal["water"] + 2.0 * tex[box], where=where)
 
 
-def paint_kidney_tumours(canvas: Canvas, rng, pal, geo, tex) -> list[dict]:
-    """Heterogeneous renal masses, often exophytic: enhancing rim, solid part, necrotic core."""
+def paint_kidney_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: float = 0.0) -> list[dict]:
+    """Heterogeneous renal masses 12-80 mm across (at least `min_diameter_mm`), often exophytic:
+    enhancing rim, solid part, necrotic core."""
     if not geo["kidneys"]:
         return []
     n = 0 if rng.uniform() < 0.1 else (2 if rng.uniform() < 0.2 else 1)
@@ -171,7 +172,7 @@ def paint_kidney_tumours(canvas: Canvas, rng, pal, geo, tex) -> list[dict]:
     p = pal["phase"]
     for _ in range(n):
         k = geo["kidneys"][rng.integers(len(geo["kidneys"]))]
-        r = _log_uniform(rng, 6.0, 40.0)
+        r = _log_uniform(rng, max(6.0, min_diameter_mm / 2), 40.0)
         c = _kidney_point(rng, k, rng.uniform(0.6, 1.1))
         box, f = _lobulated(canvas, rng, c, r, tex)
         if box is None:
