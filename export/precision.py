@@ -146,7 +146,8 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
 
 
 def compact_names(proto):
-    """Give every intermediate tensor and every Q/DQ node a short name, in place.
+    """Give every intermediate tensor and every Q/DQ node a short name, and drop unused
+    initializers, in place.
 
     onnxruntime's quantizer names tensors and Q/DQ nodes after the layer output they wrap
     ("/enc/enc.3/conv/Conv_output_0_QuantizeLinear_Output"); in a graph of small convolutions those
@@ -170,6 +171,12 @@ def compact_names(proto):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             node.name = f"{'q' if node.op_type == 'QuantizeLinear' else 'dq'}{i}"
     del graph.value_info[:]
+    # the quantizer leaves the float originals of some folded constants behind (onnxruntime warns
+    # "Removing initializer ... not used by any node" on every load): drop them from the file
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
     return proto
 
 

@@ -25,7 +25,7 @@ step "1/7 phantoms (LiTS layout)"
 }
 [ -f "$VAL/.done" ] || {
   rm -rf "$VAL"
-  regionkd-train phantoms "$VAL" --task liver --layout lits --cases 3 --seed 500 --shape 160,160,40 --min-lesion-mm 20
+  regionkd-train phantoms "$VAL" --task liver --layout lits --cases 3 --seed 1 --shape 160,160,40 --min-lesion-mm 20
   touch "$VAL/.done"
 }
 [ -f "$HELD_OUT/.done" ] || {
@@ -46,11 +46,12 @@ regionkd-train distill --data "$DATA" --teacher "$OUT/teacher.pt" --arch $STUDEN
 
 step "5/7 evaluation on the validation phantoms"
 for m in teacher student distilled; do
-  regionkd-train evaluate "$OUT/$m.pt" --data "$DATA" --json "$OUT/eval-$m.json" --quiet
+  regionkd-train evaluate "$OUT/$m.pt" --data "$DATA" --json "$OUT/eval-$m.json" --quiet > "$OUT/eval-$m.txt"
 done
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
+print("Dice on the validation split (per-case mean; the per-case tables are in eval-*.txt)")
 print(f"{'model':<12}" + "".join(f"{k:>10}" for k in ("liver", "tumour")))
 for m in ("teacher", "student", "distilled"):
     mean = json.load(open(f"{out}/eval-{m}.json"))["mean"]

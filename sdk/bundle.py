@@ -33,9 +33,9 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def file_entry(path: str | os.PathLike, root: str | os.PathLike, **fields: Any) -> dict:
-    """A manifest `files` entry for `path` (inside `root`): relative posix path, bytes, sha256, plus `fields`."""
-    path, root = Path(path), Path(root)
-    full = path if path.is_absolute() else root / path
+    """A manifest `files` entry for the file `path` (a path as given to open(), inside `root`):
+    its posix path relative to `root`, bytes, sha256, plus `fields`."""
+    full, root = Path(path), Path(root)
     try:
         rel = full.resolve().relative_to(root.resolve())
     except ValueError:

@@ -17,7 +17,7 @@ RAS = nio.axcodes2ornt(("R", "A", "S"))
 
 @dataclass
 class CanonicalVolume:
-    data: np.ndarray          # canonical (RAS+) array, axes (x, y, z); z is the axial axis
+    data: np.ndarray          # canonical (RAS+) view of the input, axes (x, y, z); z is the axial axis
     affine: np.ndarray        # affine of the canonical array
     original_affine: np.ndarray
     original_shape: tuple
@@ -52,7 +52,7 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> CanonicalVolume:
     canonical = nio.apply_orientation(data, ornt)
     canonical_affine = affine @ nio.inv_ornt_aff(ornt, data.shape)
     return CanonicalVolume(
-        data=np.ascontiguousarray(canonical),
+        data=canonical,              # a view (flips and transposes): no copy of the volume
         affine=canonical_affine,
         original_affine=affine,
         original_shape=tuple(data.shape),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,13 @@ def test_file_entry_refuses_paths_outside_and_write_manifest_validates(tmp_path)
     with pytest.raises(BundleError, match="format_version"):
         write_manifest(root, {"format_version": FORMAT_VERSION + 1})
     assert not (root / "manifest.json").exists()
+
+
+def test_file_entry_with_a_relative_bundle_directory(tmp_path, monkeypatch):
+    # regression: `regionkd-export --out work/demo/x.bundle` gave work/demo/x.bundle/work/demo/x.bundle/...
+    monkeypatch.chdir(tmp_path)
+    root = Path("work") / "demo.bundle"
+    root.mkdir(parents=True)
+    (root / "model.fp32.onnx").write_bytes(b"onnx")
+    entry = file_entry(root / "model.fp32.onnx", root, precision="fp32")
+    assert entry["path"] == "model.fp32.onnx" and entry["bytes"] == 4

@@ -54,3 +54,18 @@ def test_logits_to_labels_is_exactly_argmax_of_resized_logits(shape_in, shape_ou
     clear = (top2[:, 1] - top2[:, 0]) > 1e-5        # away from float ties the answer is unique
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(fast[clear], dense.argmax(axis=1)[clear])
+
+
+def test_logits_to_labels_outside_the_foreground_box_and_on_empty_slices():
+    rng = np.random.default_rng(3)
+    logits = np.zeros((3, 3, 32, 40), np.float32)
+    logits[:, 0] = 2.0
+    logits[0, 1, 10:18, 12:20] = 4.0 + rng.normal(size=(8, 8))       # an organ blob in slice 0
+    logits[0, 2, 13:15, 15:17] = 9.0                                  # a lesion inside it
+    logits[1, 2, 30:32, 0:3] = 5.0                                    # a lesion at the image border
+    # slice 2: background only
+    dense = np.einsum("xh,nchw,yw->ncxy", linear_resize_matrix(32, 77).astype(np.float64),
+                      logits.astype(np.float64), linear_resize_matrix(40, 90).astype(np.float64))
+    fast = logits_to_labels(logits, (77, 90))
+    np.testing.assert_array_equal(fast, dense.argmax(axis=1))
+    assert (fast[2] == 0).all() and (fast[0] == 2).any() and (fast[1] == 2).any()
