@@ -35,8 +35,12 @@ class IntensityThreshold(nn.Module):
         return self.conv(x)
 
 
-if ARCH not in registry.list_models():
+@pytest.fixture(scope="module", autouse=True)
+def threshold_model_registered():
+    """Registered only while this module's tests run, so other modules' model lists stay the real ones."""
     registry.register_model(ARCH)(IntensityThreshold)
+    yield
+    registry._MODELS.pop(ARCH)
 
 # canonical (x, y, z) = (16, 12, 6); liver block 10x10x4 = 400 voxels; tumour block 4x4x2 = 32 voxels inside
 SHAPE = (16, 12, 6)
