@@ -132,7 +132,7 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
             quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
             quantize_static(str(pre), str(tmp), reader, calibration_cache_path=calibration_cache,
                             **flavour_options(flavour))
-            proto = compact_names(onnx.load(str(tmp)))
+            proto = compact_graph(onnx.load(str(tmp)))
             onnx.checker.check_model(proto)
             if flavour == "tensorrt":
                 problems = tensorrt_qdq_problems(proto)
@@ -145,9 +145,9 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
     return proto
 
 
-def compact_names(proto):
-    """Give every intermediate tensor and every Q/DQ node a short name, and drop unused
-    initializers, in place.
+def compact_graph(proto):
+    """Give every intermediate tensor and every Q/DQ node a short name, and drop dead nodes and
+    unused initializers, in place.
 
     onnxruntime's quantizer names tensors and Q/DQ nodes after the layer output they wrap
     ("/enc/enc.3/conv/Conv_output_0_QuantizeLinear_Output"); in a graph of small convolutions those
@@ -171,11 +171,16 @@ def compact_names(proto):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             node.name = f"{'q' if node.op_type == 'QuantizeLinear' else 'dq'}{i}"
     del graph.value_info[:]
-    # the quantizer leaves the float originals of some folded constants behind (onnxruntime warns
-    # "Removing initializer ... not used by any node" on every load): drop them from the file
-    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-    unused = [init for init in graph.initializer if init.name not in used]
-    for init in unused:
+    # the quantizer can leave dead nodes (a Constant nothing reads) and unused initializers behind;
+    # onnxruntime warns "Removing initializer ... not used by any node" on every load: drop them
+    while True:
+        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for init in [init for init in graph.initializer if init.name not in used]:
         graph.initializer.remove(init)
     return proto
 

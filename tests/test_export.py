@@ -22,7 +22,7 @@ from regionkd.export import ct_slices  # noqa: E402
 from regionkd.export.onnx_export import (ExportError, export_onnx, onnx_parity, ort_session,  # noqa: E402
                                          run_onnx)
 from regionkd.export.precision import (PrecisionError, calibration_reader, check_dice_drop,  # noqa: E402
-                                       compact_names, convert_fp16, qdq_summary, quantize_int8,
+                                       compact_graph, convert_fp16, qdq_summary, quantize_int8,
                                        tensorrt_qdq_problems)
 from regionkd.export.validation import DiceAccumulator  # noqa: E402
 
@@ -154,16 +154,19 @@ def test_int8_tensorrt_flavour_is_symmetric_int8_with_float_biases(tiny, int8):
             assert not np.any(numpy_helper.to_array(_init(proto, n.input[2])))
 
 
-def test_compact_names_drops_unused_initializers(int8):
+def test_compact_graph_drops_dead_nodes_and_unused_initializers(int8):
     # the quantizer can leave float originals behind (seen on a trained MobileNetV2: onnxruntime then
-    # warns on every load); compact_names removes whatever no node reads
+    # warns on every load); compact_graph removes whatever no node reads
     proto = onnx.ModelProto()
     proto.CopyFrom(int8.trt)
     proto.graph.initializer.append(numpy_helper.from_array(np.ones(1000, np.float32), "left_behind"))
-    compact_names(proto)
+    proto.graph.node.append(onnx.helper.make_node("Constant", [], ["dead_constant"],
+                                                  value=numpy_helper.from_array(np.ones(3, np.float32))))
+    compact_graph(proto)
     used = {name for node in proto.graph.node for name in node.input}
     assert [t.name for t in proto.graph.initializer if t.name not in used] == []
     assert len(proto.graph.initializer) == len(int8.trt.graph.initializer)
+    assert len(proto.graph.node) == len(int8.trt.graph.node)      # the dead Constant is gone, nothing else
 
 
 def test_int8_cpu_flavour_has_uint8_activations_and_is_refused_for_tensorrt(int8):
