@@ -102,3 +102,18 @@ def test_tiny_thick_slice_phantoms_generate(task):
     for seed, index in [(2021, 0), (0, 1), (1, 2)]:
         ph = generate_phantom(task, shape=(64, 64, 8), seed=seed, index=index)
         assert ph.hu.shape == (64, 64, 8) and set(np.unique(ph.label)) <= {0, 1, 2}
+
+
+def test_noise_is_that_of_the_512_matrix_averaged_into_larger_voxels():
+    full = generate_phantom("liver", (512, 512, 8), seed=3)
+    small = generate_phantom("liver", (128, 128, 8), seed=3)
+    assert 10.0 <= full.info["noise_sigma_hu"] <= 25.0
+    assert full.info["voxel_noise_sigma_hu"] == pytest.approx(full.info["noise_sigma_hu"])
+    assert small.info["voxel_noise_sigma_hu"] == pytest.approx(small.info["noise_sigma_hu"] * 128 / 512)
+    # measured in the air around the body: differences of neighbouring voxels (the smooth bias field
+    # cancels), robust spread (the clip at -1024 HU cuts a tail)
+    def air_noise(p):
+        both_air = (p.tissue[1:] == T.AIR) & (p.tissue[:-1] == T.AIR)
+        diff = np.diff(p.hu.astype(np.float64), axis=0)[both_air]
+        return 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
+    assert air_noise(small) == pytest.approx(air_noise(full) * 128 / 512, rel=0.35)

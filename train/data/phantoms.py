@@ -11,7 +11,8 @@ scan were downsampled. Slices are 1-5 mm thick, thicker when there are too few o
 120 mm. The image is point-sampled, blurred along z (slice profile / partial volume), gets a
 smooth low-frequency bias and slightly in-plane-correlated Gaussian noise (sigma 10-25 HU, mean
 15, so that most cases are limited by the confounders rather than by noise), and is
-stored as int16 HU like a real scan. Everything is drawn from one numpy Generator: the same seed
+stored as int16 HU like a real scan. The noise sigma is that of the 512 matrix: a smaller matrix,
+being the same scan downsampled, gets it divided by 512/n as averaging would. Everything is drawn from one numpy Generator: the same seed
 gives the same voxels.
 """
 from __future__ import annotations
@@ -109,15 +110,19 @@ def _image_formation(rng, canvas: Canvas, grid: Grid) -> tuple[np.ndarray, dict]
     bias *= bias_amp
     hu += bias
     del bias
-    sigma = 10.0 + 15.0 * rng.uniform() ** 2        # 10-25 HU, more often low: mean 15
+    sigma = 10.0 + 15.0 * rng.uniform() ** 2        # 10-25 HU at the 512 matrix, more often low: mean 15
+    # a smaller matrix is the 512 scan downsampled: each voxel averages (512/n)^2 of its pixels, so
+    # its noise is smaller by 512/n (per axis); without this a 160 matrix would be 3x too noisy
+    voxel_sigma = sigma * min(1.0, float(np.sqrt(grid.shape[0] * grid.shape[1])) / REFERENCE_MATRIX)
     corr = 0.5                                                                    # in-plane noise correlation, px
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0.0), truncate=2.0)
-    noise *= sigma / _gaussian_kernel_norm(corr, truncate=2.0) ** 2
+    noise *= voxel_sigma / _gaussian_kernel_norm(corr, truncate=2.0) ** 2
     hu += noise
     del noise
     np.clip(hu, -1024.0, 3071.0, out=hu)
-    return np.rint(hu).astype(np.int16), {"noise_sigma_hu": sigma, "bias_amplitude_hu": bias_amp}
+    return np.rint(hu).astype(np.int16), {"noise_sigma_hu": sigma, "voxel_noise_sigma_hu": voxel_sigma,
+                                          "bias_amplitude_hu": bias_amp}
 
 
 def tissue_to_label(tissue: np.ndarray, task: str) -> np.ndarray:
