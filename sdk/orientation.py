@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from nibabel import orientations as nio
+from nibabel.affines import voxel_sizes
 
 RAS = nio.axcodes2ornt(("R", "A", "S"))
 
@@ -26,7 +27,12 @@ class CanonicalVolume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the canonical axes."""
-        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return tuple(float(v) for v in voxel_sizes(self.affine))
+
+    @property
+    def original_spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the original file's axes."""
+        return tuple(float(v) for v in voxel_sizes(self.original_affine))
 
     @property
     def axcodes(self) -> tuple[str, str, str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
+from nibabel.affines import voxel_sizes
 import numpy as np
 
 from .atomic import atomic_path
@@ -41,7 +42,7 @@ class NiftiVolume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the file's own axes."""
-        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return tuple(float(v) for v in voxel_sizes(self.affine))
 
     def canonical(self) -> CanonicalVolume:
         """The volume in closest-canonical RAS+ order (computed once, then cached)."""

@@ -7,7 +7,8 @@ import torch
 
 from _training_fixtures import write_phantom_lits
 from regionkd.sdk.errors import InputError
-from regionkd.train.checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model, log_path_for
+from regionkd.sdk.bundle import sha256_file
+from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
 from regionkd.train.config import make_config
 from regionkd.train.trainer import DistillLoss, load_teacher, train
 
@@ -71,7 +72,7 @@ def test_distill_logs_every_term_and_sums_them(teacher_ckpt, data, cache, tmp_pa
     ckpt = load_checkpoint(out)
     assert ckpt["role"] == "student" and ckpt["arch"] == "tinynet"
     prov = ckpt["provenance"]
-    assert prov["teacher"]["sha256"] == file_sha256(teacher_ckpt) and prov["teacher"]["arch"] == "raunet"
+    assert prov["teacher"]["sha256"] == sha256_file(teacher_ckpt) and prov["teacher"]["arch"] == "raunet"
     assert prov["kd"] == ["pmd", "imd", "rad"] and prov["alpha"] == 0.1
 
 

@@ -6,7 +6,6 @@ It is written atomically, so a run killed while saving leaves the previous check
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -26,14 +25,6 @@ def log_path_for(ckpt_path: str | os.PathLike) -> Path:
     """The JSON-lines training log that lives beside a checkpoint: `teacher.pt` -> `teacher.log.jsonl`."""
     p = Path(ckpt_path)
     return p.with_name(p.stem + ".log.jsonl")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:

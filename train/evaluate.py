@@ -37,11 +37,6 @@ def predict_volume(model, volume: CanonicalVolume, window, input_size, device="c
     return slices_to_volume(out)
 
 
-def original_spacing(volume: CanonicalVolume) -> tuple[float, float, float]:
-    """Voxel size in mm along the file's own axes."""
-    return tuple(float(v) for v in np.sqrt((np.asarray(volume.original_affine)[:3, :3] ** 2).sum(axis=0)))
-
-
 def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu", batch_size: int = 8,
                         progress: bool = False) -> dict:
     """Per-case and mean per-class metrics of a checkpoint on `data_root`'s validation cases
@@ -84,7 +79,7 @@ def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu"
         canonical = case.volume
         pred = canonical.to_original(predict_volume(model, canonical, window, input_size, device, batch_size))
         ref = canonical.to_original(np.asarray(case.label))
-        spacing = original_spacing(canonical)
+        spacing = canonical.original_spacing
         per_label = case_metrics(pred, ref, spacing, labels)
         cases[cid] = {}
         for lab in labels:

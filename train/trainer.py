@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from regionkd.sdk.bundle import sha256_file
 from regionkd.sdk.errors import InputError
 
-from .checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model, log_path_for, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for, save_checkpoint
 from .config import RESUME_IDENTITY, TrainConfig
 
 
@@ -502,7 +503,7 @@ def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, w
                      metrics: dict, t_ckpt: dict | None) -> dict:
     teacher = None
     if t_ckpt is not None:
-        teacher = {"path": str(Path(cfg.teacher).resolve()), "sha256": file_sha256(cfg.teacher), "arch": t_ckpt["arch"]}
+        teacher = {"path": str(Path(cfg.teacher).resolve()), "sha256": sha256_file(cfg.teacher), "arch": t_ckpt["arch"]}
     distilled = cfg.mode == "distill"
     return {
         "format": "regionkd-checkpoint/1",
