@@ -52,20 +52,12 @@ def preview_path(preview: Path, input_path: Path, several: bool) -> Path:
     return preview.with_name(f"{preview.stem}_{volume_name(input_path)}.png") if several else preview
 
 
-def _write_preview(preview: Path, input_path: Path, result, segmenter) -> None:
+def _write_preview(preview: Path, result, segmenter) -> None:
     import numpy as np
 
     from .preview import write_preview
 
-    if input_path.is_dir():
-        from .dicom_io import read_dicom_series
-        image = read_dicom_series(input_path)
-        hu, affine = image.get_fdata(dtype=np.float32), image.affine
-    else:
-        from .volume_io import read_nifti
-        vol = read_nifti(input_path, kind="image")
-        hu, affine = vol.data, vol.affine
-    write_preview(preview, hu, np.asarray(result.mask.dataobj), affine, segmenter.window)
+    write_preview(preview, result.image, np.asarray(result.mask.dataobj), result.mask.affine, segmenter.window)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,9 +103,9 @@ def segment(bundle, inputs, output, backend, precision, batch_size, threads, no_
                 if out in seen:
                     raise InputError(f"{path}: another input already writes {out}")
                 seen.add(out)
-                result = segmenter.segment_file(path, out)
+                result = segmenter.segment_file(path, out, keep_image=preview is not None)
                 if preview is not None:
-                    _write_preview(preview_path(preview, path, len(paths) > 1), path, result, segmenter)
+                    _write_preview(preview_path(preview, path, len(paths) > 1), result, segmenter)
             except (RegionKDError, OSError) as exc:
                 failed += 1
                 tqdm.write(f"error: {exc}", file=sys.stderr)

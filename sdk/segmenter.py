@@ -38,6 +38,7 @@ class SegmentationResult:
     mask: nib.Nifti1Image            # uint8, the input's voxel order and affine
     timings: dict                    # ms per stage: load, preprocess, inference, postprocess, write, total (+ gpu)
     class_names: list = field(default_factory=list)
+    image: np.ndarray | None = None  # the input's HU voxels, kept only when segment_file(keep_image=True)
 
     @property
     def num_slices(self) -> int:
@@ -138,8 +139,10 @@ class Segmenter:
             timings["gpu"] = gpu_ms
         return SegmentationResult(mask=mask, timings=timings, class_names=self.class_names)
 
-    def segment_file(self, input_path, output_path) -> SegmentationResult:
-        """Read a NIfTI file (or a DICOM series folder), segment it, write the mask atomically."""
+    def segment_file(self, input_path, output_path, keep_image: bool = False) -> SegmentationResult:
+        """Read a NIfTI file (or a DICOM series folder), segment it, write the mask atomically.
+        `keep_image` returns the input's HU voxels in `result.image` (e.g. for a preview) so that
+        nothing has to read the file a second time."""
         input_path, output_path = Path(input_path), check_output_path(output_path)
         if output_path.resolve() == input_path.resolve():
             raise InputError(f"output {output_path} is the input file; refusing to overwrite it")
@@ -154,6 +157,8 @@ class Segmenter:
                 vol = read_nifti(input_path, kind="image")
                 data, affine, header = np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header
         result = self._segment_array(data, affine, header, timer, str(input_path))
+        if keep_image:
+            result.image = data
         del data
         with timer.stage("write"):
             write_mask(result.mask, output_path)
