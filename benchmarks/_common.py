@@ -25,13 +25,17 @@ DONE_MARKER = ".done"
 # ----------------------------------------------------------------------------- data
 
 def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int], seed: int,
-                         layout: str | None = None) -> Path:
+                         layout: str | None = None, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0) -> Path:
     """A phantom dataset written by `regionkd-train phantoms` (called in-process), reused when a
     previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time."""
     root = Path(root)
     layout = layout or ("kits19" if task == "kidney" else "lits")
     marker = root / DONE_MARKER
     wanted = {"task": task, "cases": int(cases), "shape": [int(v) for v in shape], "seed": int(seed), "layout": layout}
+    if min_lesion_mm:
+        wanted["min_lesion_mm"] = float(min_lesion_mm)
+    if lesion_contrast != 1.0:
+        wanted["lesion_contrast"] = float(lesion_contrast)
     if marker.is_file():
         if json.loads(marker.read_text() or "{}") == wanted:
             return root
@@ -41,7 +45,8 @@ def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int]
 
     # no marker: nothing there, or a dataset of an interrupted run (generation is atomic, the marker not)
     args = [str(root), "--task", task, "--layout", layout, "--cases", str(cases), "--seed", str(seed),
-            "--shape", ",".join(str(int(v)) for v in shape), "--overwrite", "--quiet"]
+            "--shape", ",".join(str(int(v)) for v in shape), "--min-lesion-mm", str(float(min_lesion_mm)),
+            "--lesion-contrast", str(float(lesion_contrast)), "--overwrite", "--quiet"]
     phantoms.main(args=args, standalone_mode=False)
     atomic_write_text(marker, json.dumps(wanted))
     return root

@@ -92,21 +92,24 @@ def numpy_sgemm(n: int, threads: int, repeat: int = 5) -> dict:
 
 # ----------------------------------------------------------------------------- inputs
 
-def make_models(p: Preset, work: Path, quiet: bool) -> tuple[Path, Path, Path, Path]:
+def make_models(p: Preset, work: Path, quiet: bool, student_arch: str | None = None) -> tuple[Path, Path, Path, Path]:
     """(teacher ckpt, student ckpt, bundle dir, data dir): trained briefly and exported, unless
-    already there from a previous run. The student is distilled from the teacher (p.kd)."""
+    already there from a previous run. The student (`student_arch`, default the preset's) is
+    distilled from the teacher (p.kd)."""
     from regionkd.train.config import make_config
     from regionkd.train.trainer import train
 
+    arch = student_arch or p.student
     data = C.make_phantom_dataset(work / "data", p.task, p.cases, p.data_shape, p.data_seed)
-    teacher, student, bundle = work / f"teacher-{p.teacher}.pt", work / f"student-{p.student}.pt", work / "bundle"
+    teacher, student = work / f"teacher-{p.teacher}.pt", work / f"student-{arch}.pt"
+    bundle = work / ("bundle" if arch == p.student else f"bundle-{arch}")
     common = dict(preset="demo", epochs=1, batch_size=p.batch_size, input_size=p.input_size, val_max_slices=16,
                   val_fraction=0.34, device="cpu", resume=True, cache_dir=str(work / "slice-cache"), quiet=quiet)
     if not teacher.is_file():
         train(make_config("teacher", p.teacher, data, teacher, samples_per_epoch=p.teacher_steps * p.batch_size,
                           **common))
     if not student.is_file():
-        train(make_config("distill", p.student, data, student, teacher=str(teacher), kd=p.kd,
+        train(make_config("distill", arch, data, student, teacher=str(teacher), kd=p.kd,
                           samples_per_epoch=p.student_steps * p.batch_size, **common))
     if not (bundle / "manifest.json").is_file():
         from regionkd.export.pipeline import ExportOptions, export_bundle
@@ -159,8 +162,17 @@ def bundle_dice(manifest: dict, precision: str, model_file: str) -> dict | None:
     return metrics.get("dice")
 
 
-def measure_all(p: Preset, teacher: Path, student: Path, bundle_dir: Path, volume: Path, threads: int,
-                quiet: bool) -> list:
+def measure_all(p: Preset, teacher: Path, students: list, volume: Path, threads: int, quiet: bool) -> list:
+    """Time the teacher in PyTorch, then each (student checkpoint, bundle dir) in PyTorch and
+    through the SDK; one row per configuration."""
+    rows = []
+    for i, (student, bundle_dir) in enumerate(students):
+        rows += _measure_student(p, teacher if i == 0 else None, student, bundle_dir, volume, threads, quiet)
+    return rows
+
+
+def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir: Path, volume: Path, threads: int,
+                     quiet: bool) -> list:
     from tqdm import tqdm
 
     from regionkd.sdk.bundle import load_bundle
@@ -173,15 +185,16 @@ def measure_all(p: Preset, teacher: Path, student: Path, bundle_dir: Path, volum
     shape = [int(v) for v in read_nifti(volume).data.shape]
     organ_labels = bundle.preprocessing.get("largest_component_labels")
     student_gflops = bundle.manifest["model"].get("gflops_per_slice") or gflops_of(student)
-    jobs = [("torch", teacher, "fp32"), ("torch", student, "fp32"),
-            ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]
+    jobs = ([("torch", teacher, "fp32")] if teacher else []) + [
+        ("torch", student, "fp32"), ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]
     if C.gpu_name():
         jobs += [(be, bundle, pr) for be in ("tensorrt", "tensorrt-rtx") for pr in ("fp16", "int8")]
-    elif not quiet:
+    elif not quiet and teacher:
         click.echo("no CUDA GPU here: TensorRT FP16/INT8 rows skipped", err=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp:
-        for runtime, what, precision in tqdm(jobs, desc="deploy latency", unit="config", disable=quiet):
+        for runtime, what, precision in tqdm(jobs, desc=f"deploy latency ({bundle.manifest['model']['arch']})",
+                                             unit="config", disable=quiet):
             try:
                 if runtime == "torch":
                     engine = TorchModelBackend(what, threads, p.infer_batch)
@@ -250,11 +263,19 @@ def derive(rows: list, sgemm: dict) -> dict:
     }
 
 
+def ratios_by_student(rows: list, sgemm: dict) -> dict:
+    """`derive` for each student architecture against the teacher, in the order the students ran."""
+    teacher_rows = [r for r in rows if r.get("role") == "teacher"]
+    archs = list(dict.fromkeys(r["arch"] for r in rows if r.get("role") != "teacher"))
+    return {a: derive(teacher_rows + [r for r in rows if r.get("role") != "teacher" and r["arch"] == a], sgemm)
+            for a in archs}
+
+
 TARGETS = (("teacher_torch / best student_sdk latency", 10.0, ">="), ("sdk fp32 / int8 latency", 1.5, ">="),
            ("best_sdk_outside_inference_share", 0.15, "<="))
 
 
-def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note) -> str:
+def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, by_student=None) -> str:
     lines = [f"# Deployment report ({preset})", "", C.machine_line(machine), "", f"Command: `{command}`", "",
              volume_note, ""]
     header = ["model", "runtime", "prec", "median ms", "p95 ms", "load", "pre", "infer", "post", "write",
@@ -291,6 +312,16 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note) 
             met = v is not None and (v >= tv if op == ">=" else v <= tv)
             target = f"{op} {tv if 'share' not in name else f'{100 * tv:.0f}%'}: {'met' if met else 'NOT met'}"
         lines.append(f"| {name} | {shown} | {target} |")
+    if by_student:
+        names = ("teacher_torch / best student_sdk latency", "sdk fp32 / int8 latency", "sdk fp32 / int8 size",
+                 "best_sdk_outside_inference_share")
+        lines += ["", "Per student (the table above is the first one's):", "",
+                  "| student | teacher / best SDK latency | FP32 / INT8 latency | FP32 / INT8 size | outside inference | best SDK |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for arch, r in by_student.items():
+            share = r[names[3]]
+            lines.append(f"| {arch} | {C.fmt(r[names[0]], 2)} | {C.fmt(r[names[1]], 2)} | {C.fmt(r[names[2]], 2)} | "
+                         f"{'-' if share is None else f'{100 * share:.1f}%'} | {r['best_sdk'] or '-'} |")
     lines += ["", f"Best SDK configuration: {ratios['best_sdk']}.",
               "Latency: per volume, file to file (read NIfTI, preprocess, inference, postprocess incl. largest "
               "component, write mask), median and p95 over the repeats after warm-up. PyTorch rows run eager on "
@@ -334,8 +365,11 @@ def chart(rows):
               help="Where models made here and the volume live (default: work/benchmarks/deploy-<preset>).")
 @click.option("--results", type=click.Path(path_type=Path, file_okay=False), default=C.RESULTS_DIR, show_default=True,
               help="Where deploy-<preset>.{json,md,png} go.")
+@click.option("--also-student", "also_students", multiple=True, metavar="ARCH",
+              help="Also make, export and time this student network (registry name, e.g. mobilenetv2, espnet) "
+                   "beside the preset's; repeatable. Only when the preset makes the models.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report on stdout.")
-def main(preset, teacher, student, bundle, volume, threads, repeat, work, results, quiet):
+def main(preset, teacher, student, bundle, volume, threads, repeat, work, results, also_students, quiet):
     """Latency per volume (median, p95, stages), size, params, GFLOPs and achieved share of the
     machine's matmul ceiling for teacher and student in PyTorch and the student through the SDK."""
     from regionkd.sdk.errors import InputError
@@ -348,11 +382,21 @@ def main(preset, teacher, student, bundle, volume, threads, repeat, work, result
     given = [x is not None for x in (teacher, student, bundle)]
     if any(given) and not all(given):
         raise InputError("give all of --teacher, --student and --bundle, or none (the preset then makes them)")
+    if also_students and any(given):
+        raise InputError("--also-student makes its models with the preset; it cannot be combined with "
+                         "--teacher/--student/--bundle")
+    from regionkd.train.models.registry import list_models
+
+    unknown = [a for a in also_students if a not in list_models()]
+    if unknown:
+        raise InputError(f"--also-student {', '.join(unknown)}: unknown network; known: {', '.join(list_models())}")
     work = Path(work or C.WORK_DIR / f"deploy-{preset}")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    extra = []
     if not all(given):
         teacher, student, bundle, _ = make_models(p, work, quiet)
+        extra = [make_models(p, work, quiet, arch)[1:3] for arch in dict.fromkeys(also_students) if arch != p.student]
     for what, path in (("--teacher", teacher), ("--student", student)):
         if not Path(path).is_file():
             raise InputError(f"{what} {path}: file not found")
@@ -369,11 +413,14 @@ def main(preset, teacher, student, bundle, volume, threads, repeat, work, result
     torch.set_num_threads(p.threads)
     machine = C.machine_description(threads=p.threads)
     sgemm = numpy_sgemm(p.sgemm_n, p.threads)
-    rows = measure_all(p, Path(teacher), Path(student), Path(bundle), Path(volume), p.threads, quiet)
-    ratios = derive(rows, sgemm)
+    students = [(Path(student), Path(bundle))] + [(Path(s_), Path(b_)) for s_, b_ in extra]
+    rows = measure_all(p, Path(teacher), students, Path(volume), p.threads, quiet)
+    by_student = ratios_by_student(rows, sgemm)
+    ratios = next(iter(by_student.values()))           # the first student's: the one the report is about
     command = C.command_line("benchmarks/deploy.py", click.get_current_context())
-    md = markdown_report(rows, sgemm, ratios, machine, command, preset, note + f" Wall time {time.perf_counter() - t0:.0f} s.")
-    out_rows = rows + [{**sgemm, "machine": machine, "ratios": ratios}]
+    md = markdown_report(rows, sgemm, ratios, machine, command, preset, note + f" Wall time {time.perf_counter() - t0:.0f} s.",
+                         by_student if len(by_student) > 1 else None)
+    out_rows = rows + [{**sgemm, "machine": machine, "ratios": ratios, "ratios_by_student": by_student}]
     paths = C.write_results(f"deploy-{preset}", out_rows, md, chart(rows), results)
     if not quiet:
         click.echo(md)

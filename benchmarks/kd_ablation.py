@@ -58,8 +58,11 @@ class Preset:
     trainer_preset: str = "demo"
     needs_gpu: bool = False
     data_seed: int = 2021
+    min_lesion_mm: float = 0.0       # smallest tumour diameter in the phantoms (coarse CPU presets)
+    lesion_contrast: float = 1.0     # liver lesions' HU difference to the liver, times this
     sweep_students: tuple = ("enet", "espnet", "tinynet")
     sweep_settings: tuple = ()
+    sweep_seeds: tuple | None = None  # default: the preset's seeds
 
 
 # The KD-weight / temperature grid of --sweep: one factor at a time around the paper's setting.
@@ -79,14 +82,17 @@ PRESETS = {
                     samples_per_epoch=4, student_epochs=1, teacher_epochs_cap=2, teacher_chunk_epochs=1,
                     teacher_patience=1, seeds=(0, 1), students=("tinynet",), val_max_slices=8,
                     sweep_students=("tinynet",), sweep_settings=SWEEP_SETTINGS[:3], data_seed=0),
-    # the same protocol at 96x96 on a 2-core CPU: 2 tasks x (teacher + 2 students x 4 KD x 2 seeds).
-    # Budget (per-step times measured at 128x128, batch 8, 2 threads on a busy machine: RAUNet 3.55 s
-    # train / 1.05 s forward, ENet 0.21 s, MobileNetV2 0.14 s; scaled by pixels to 96x96): per task about
-    # 800 s teacher + 12 distilled runs x 250 steps x 0.7 s + 4 baselines x 250 x 0.1 s = about 50 min.
-    "cpu": Preset(tasks=("liver", "kidney"), cases=24, shape=(160, 160, 32), input_size=96, batch_size=8,
-                  samples_per_epoch=400, student_epochs=5, teacher_epochs_cap=8, teacher_chunk_epochs=2,
-                  teacher_patience=2, seeds=(0, 1), students=("enet", "mobilenetv2"), val_max_slices=192,
-                  sweep_settings=SWEEP_SETTINGS),
+    # the same protocol on a 2-core CPU: 96x96 phantoms at their own size (about 4 mm pixels), tumours of
+    # at least 20 mm with the liver lesions' contrast doubled, a UNet teacher (RAUNet from scratch learns
+    # no tumour within this budget: see benchmarks/README.md). Per-step times at 96x96, batch 8, 2 threads:
+    # UNet 0.61 s train / 0.17 s forward, ENet 0.14 s, MobileNetV2 0.09 s. Per task about 6 min teacher,
+    # 12 distilled runs x 400 steps x 0.35 s, 4 baselines x 400 x 0.12 s: about 40 min; the two tasks
+    # can run side by side (`--tasks liver` and `--tasks kidney`, then one run to collect).
+    "cpu": Preset(tasks=("liver", "kidney"), cases=40, shape=(96, 96, 32), input_size=96, batch_size=8,
+                  samples_per_epoch=400, student_epochs=8, teacher_epochs_cap=12, teacher_chunk_epochs=4,
+                  teacher_patience=2, seeds=(0, 1), students=("enet", "mobilenetv2"), teacher="unet",
+                  min_lesion_mm=20.0, lesion_contrast=2.0, sweep_settings=SWEEP_SETTINGS[:5] + SWEEP_SETTINGS[6:],
+                  sweep_seeds=(0,)),
     # the paper's sizes (384x384 slices, batch 16, 30 epochs for a student), for a GPU
     "paper": Preset(tasks=("liver", "kidney"), cases=60, shape=(512, 512, 64), input_size=384, batch_size=16,
                     samples_per_epoch=1600, student_epochs=30, teacher_epochs_cap=60, teacher_chunk_epochs=5,
@@ -101,18 +107,21 @@ def kd_terms(kd: str) -> tuple:
     return () if kd == "none" else tuple(kd.split("+"))
 
 
-def final_losses(ckpt_path: Path) -> dict:
-    """The last logged value of each loss term (seg, pmd, imd, rad, total) of a run."""
+def read_log(ckpt_path: Path) -> tuple[dict, float]:
+    """The last logged value of each loss term (seg, pmd, imd, rad, total) of a run, and its training
+    seconds (summed over the `end` events of every call: chunked or resumed runs log one each)."""
     from regionkd.train.checkpoint import log_path_for
 
-    last = {}
+    last, seconds = {}, 0.0
     log = log_path_for(ckpt_path)
     if log.is_file():
         for line in log.read_text().splitlines():
             rec = json.loads(line)
             if rec.get("event") == "step":
                 last = rec.get("loss", {})
-    return {k: last.get(k) for k in ("seg", "pmd", "imd", "rad", "total")}
+            elif rec.get("event") == "end":
+                seconds += float(rec.get("seconds") or 0.0)
+    return {k: last.get(k) for k in ("seg", "pmd", "imd", "rad", "total")}, round(seconds, 1)
 
 
 class Runner:
@@ -125,7 +134,8 @@ class Runner:
         self.cache = self.dir / f"slice-cache-{preset.input_size}"
 
     def prepare(self) -> None:
-        C.make_phantom_dataset(self.data, self.task, self.p.cases, self.p.shape, self.p.data_seed)
+        C.make_phantom_dataset(self.data, self.task, self.p.cases, self.p.shape, self.p.data_seed,
+                               min_lesion_mm=self.p.min_lesion_mm, lesion_contrast=self.p.lesion_contrast)
 
     def config(self, mode: str, arch: str, out: Path, seed: int, epochs: int, **extra):
         from regionkd.train.config import make_config
@@ -206,12 +216,13 @@ class Runner:
         ev = self.evaluate(ckpt)
         ck = load_checkpoint(ckpt)
         prov = ck.get("provenance", {})
+        losses, seconds = read_log(ckpt)
         row = {"task": self.task, "arch": arch, "role": role, "kd": kd, "seed": seed,
                "dice": {c: ev["mean"][c]["dice"] for c in ev["class_names"][1:]},
                "dice_per_case": {cid: {c: v["dice"] for c, v in per.items()} for cid, per in ev["cases"].items()},
                "val_dice_global": ck.get("metrics", {}).get("val", {}),
                "steps": ck.get("train_state", {}).get("step"),
-               "loss_final": final_losses(ckpt),
+               "loss_final": losses, "train_seconds": seconds,
                "checkpoint": str(ckpt.relative_to(self.dir.parent))}
         if kd != "none" and role == "student":
             row.update({k: prov.get(k) for k in ("alpha", "beta1", "beta2", "temperature")})
@@ -382,10 +393,12 @@ def _cuda_available() -> bool:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="cpu", show_default=True,
               help="smoke: seconds, for tests; cpu: 128x128 slices, < 2 h on 2 cores; paper: 384x384, GPU.")
 @click.option("--tasks", help="Comma-separated subset of the preset's tasks (liver, kidney).")
-@click.option("--students", help="Comma-separated students instead of the preset's (e.g. enet,mobilenetv2).")
+@click.option("--students", help="Comma-separated students instead of the preset's (e.g. enet,mobilenetv2; "
+                                 "with --sweep, instead of the sweep's enet,espnet,tinynet).")
 @click.option("--with-resnet18", is_flag=True, help="Also run ResNet-18 as a student.")
 @click.option("--with-espnet", is_flag=True, help="Also run ESPNet as a student.")
 @click.option("--seeds", help="Comma-separated seeds instead of the preset's.")
+@click.option("--teacher", "teacher_arch", help="Teacher network instead of the preset's (raunet for paper, unet for cpu).")
 @click.option("--teacher-epochs-cap", type=click.IntRange(min=1),
               help="Most teacher epochs (default: preset); the teacher stops earlier when validation Dice plateaus.")
 @click.option("--sweep", is_flag=True, help="Run the capacity x KD-weight x temperature grid (first task) "
@@ -397,7 +410,7 @@ def _cuda_available() -> bool:
               help="Where the JSON, Markdown and PNG go.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the trainer's own progress bars.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epochs_cap, sweep, device, work, results, verbose, quiet):
+def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_arch, teacher_epochs_cap, sweep, device, work, results, verbose, quiet):
     """Train and evaluate teacher, students alone and distilled students on phantoms; write
     benchmarks/results/kd_ablation-<preset>.{json,md,png} (with --sweep: kd_ablation-<preset>-sweep.*)."""
     from tqdm import tqdm
@@ -408,12 +421,19 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epo
     if tasks:
         p = replace(p, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()))
     if students:
-        p = replace(p, students=tuple(s.strip() for s in students.split(",") if s.strip()))
+        chosen = tuple(s.strip() for s in students.split(",") if s.strip())
+        p = replace(p, **{"sweep_students" if sweep else "students": chosen})
     p = replace(p, students=p.students + (("resnet18",) if with_resnet18 else ()) + (("espnet",) if with_espnet else ()))
     if seeds:
-        p = replace(p, seeds=tuple(int(s) for s in seeds.split(",")))
+        p = replace(p, seeds=tuple(int(s) for s in seeds.split(",")), sweep_seeds=None)
     if teacher_epochs_cap:
         p = replace(p, teacher_epochs_cap=teacher_epochs_cap)
+    if teacher_arch:
+        from regionkd.train.models.registry import list_models
+
+        if teacher_arch not in list_models():
+            raise InputError(f"--teacher {teacher_arch}: unknown network; known: {', '.join(list_models())}")
+        p = replace(p, teacher=teacher_arch)
     device = device or ("cuda" if p.needs_gpu else "cpu")
     if device.startswith("cuda") and not _cuda_available():
         click.echo(f"kd_ablation --preset {preset}: training at this size needs a CUDA GPU and there is none here; "
@@ -428,7 +448,8 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epo
     for task in task_list:
         if sweep:
             settings = p.sweep_settings or SWEEP_SETTINGS
-            plan += [(task, arch, s, seed) for arch in p.sweep_students for s in settings for seed in p.seeds]
+            plan += [(task, arch, s, seed) for arch in p.sweep_students for s in settings
+                     for seed in (p.sweep_seeds or p.seeds)]
         else:
             plan += [(task, arch, {"name": kd, "kd": kd}, seed) for arch in p.students for kd in KD_SETTINGS
                      for seed in p.seeds]
@@ -448,7 +469,10 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epo
                 continue
             bar.set_postfix_str(f"{task}: {arch} {s['name']} seed {seed}")
             weights = {k: s[k] for k in ("alpha", "beta1", "beta2", "temperature") if k in s} or None
-            ckpt = runner.student(arch, seed, t_ckpt, s["kd"], name=s["name"] if sweep else None, weights=weights)
+            # the sweep's "none" and "paper" settings are the ablation's none and pmd+imd+rad runs: shared files
+            same_as_ablation = s["name"] == "none" or (s["kd"] == "pmd+imd+rad" and weights == PAPER_WEIGHTS)
+            ckpt = runner.student(arch, seed, t_ckpt, s["kd"], name=None if same_as_ablation else s["name"],
+                                  weights=weights)
             extra = {"setting": s["name"]} if sweep else {}
             rows.append(runner.row(ckpt, arch, "student", s["kd"], seed, **extra))
             bar.update(1)
@@ -463,7 +487,11 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_epo
                    f"{p.student_epochs * max(1, p.samples_per_epoch // p.batch_size)} steps, teacher "
                    f"{p.teacher} up to {p.teacher_epochs_cap * max(1, p.samples_per_epoch // p.batch_size)} steps "
                    f"(stops on a validation plateau), seeds {', '.join(map(str, p.seeds))}. "
-                   f"Wall time {time.perf_counter() - t0:.0f} s (runs found on disk are not re-timed).", ""]
+                   f"Training time summed over the runs (from their logs): "
+                   f"{sum(r.get('train_seconds') or 0 for r in rows) / 60:.1f} min, of which teachers "
+                   f"{sum(r.get('train_seconds') or 0 for r in rows if r['role'] == 'teacher') / 60:.1f} min; "
+                   f"this invocation's wall time {time.perf_counter() - t0:.0f} s (runs found on disk are read "
+                   f"back, not repeated).", ""]
     if sweep:
         extra_lines += _sweep_verdict(an) + [""]
     md = markdown_report(f"Distillation {'sweep' if sweep else 'ablation'} on phantoms ({preset})", an, command,

@@ -199,7 +199,8 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
     from regionkd.train.models.profile import flops_per_slice
 
     work, results = tmp_path / "work", tmp_path / "results"
-    assert run(deploy.main, ["--preset", "smoke", "--work", work, "--results", results, "--quiet"]) == 0
+    assert run(deploy.main, ["--preset", "smoke", "--work", work, "--results", results, "--also-student", "tinynet",
+                             "--quiet"]) == 0
     rows = json.loads((results / "deploy-smoke.json").read_text())
     assert (results / "deploy-smoke.png").read_bytes()[:8] == PNG_MAGIC
     md = (results / "deploy-smoke.md").read_text()
@@ -232,6 +233,14 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
     ratios = sgemm[0]["ratios"]
     assert ratios["teacher_torch / student_torch latency"] == pytest.approx(
         measured[0]["latency_ms"]["median"] / measured[1]["latency_ms"]["median"])
+    # --also-student: the second student is timed after the first, against the same teacher row
+    assert [(r["arch"], r["runtime"], r["precision"]) for r in measured][4:7] == [
+        ("tinynet", "torch", "fp32"), ("tinynet", "onnxruntime", "fp32"), ("tinynet", "onnxruntime", "int8")]
+    by_student = sgemm[0]["ratios_by_student"]
+    assert list(by_student) == ["enet", "tinynet"] and by_student["enet"] == ratios
+    assert by_student["tinynet"]["teacher_torch / student_torch latency"] == pytest.approx(
+        measured[0]["latency_ms"]["median"] / measured[4]["latency_ms"]["median"])
+    assert "| tinynet |" in md and (work / "bundle-tinynet" / "manifest.json").is_file()
     import torch
 
     if not torch.cuda.is_available():

@@ -117,3 +117,25 @@ def test_noise_is_that_of_the_512_matrix_averaged_into_larger_voxels():
         diff = np.diff(p.hu.astype(np.float64), axis=0)[both_air]
         return 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
     assert air_noise(small) == pytest.approx(air_noise(full) * 128 / 512, rel=0.35)
+
+
+def test_lesion_contrast_scales_the_same_lesions_hu_difference():
+    # a case with lesions: same geometry and labels, the tumours' HU difference to the liver scaled
+    for index in range(10):
+        a = generate_phantom("liver", SHAPE, seed=3, index=index, min_lesion_mm=20)
+        if (a.label == 2).sum() > 50:
+            break
+    b = generate_phantom("liver", SHAPE, seed=3, index=index, min_lesion_mm=20, lesion_contrast=2.0)
+    np.testing.assert_array_equal(a.label, b.label)
+    from scipy.ndimage import binary_dilation
+
+    away = ~binary_dilation(a.label == 2, iterations=4)      # edges are soft and blurred along z
+    assert np.abs(a.hu[away].astype(int) - b.hu[away]).max() <= 1             # z blur reaches a voxel or two further
+    assert [t["contrast_hu"] * 2 for t in a.info["tumours"]] == pytest.approx([t["contrast_hu"] for t in b.info["tumours"]])
+    tumour = a.label == 2
+    base = float(np.median(a.hu[a.tissue == T.LIVER]))
+    da = np.abs(a.hu[tumour].astype(float) - base).mean()
+    db = np.abs(b.hu[tumour].astype(float) - base).mean()
+    assert 1.5 < db / da < 2.5                   # partial volume and noise keep it from exactly 2
+    with pytest.raises(ValueError, match="lesion_contrast"):
+        generate_phantom("liver", SHAPE, seed=3, index=0, lesion_contrast=0.0)

@@ -40,9 +40,12 @@ def _parse_shape(ctx, param, value):
 @click.option("--min-lesion-mm", type=click.FloatRange(0, 80), default=0.0, show_default=True,
               help="Smallest tumour diameter in mm (default: liver 3-40 mm, kidney 12-80 mm). Raise it for coarse "
                    "CPU runs, where lesions of a pixel or two cannot be learned.")
+@click.option("--lesion-contrast", type=click.FloatRange(0.1, 10), default=1.0, show_default=True,
+              help="Multiply each liver lesion's HU difference to the liver (10-40 HU as drawn). Same lesions, only "
+                   "more or less conspicuous; kidney masses ignore it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, overwrite, quiet):
+def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, lesion_contrast, overwrite, quiet):
     """Write OUT: synthetic abdominal CT phantoms with labels, in a public dataset's layout.
 
     Anatomy in HU (fat, muscle, liver, spleen, kidneys, stomach, bowel, heart, lungs, spine),
@@ -56,7 +59,8 @@ def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, overwrite, qu
     ids, tumours = [], 0
     with atomic_directory(out, overwrite=True) as tmp:
         for i in tqdm(range(cases), desc=f"phantoms ({task}, {layout})", unit="case", disable=quiet):
-            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm)
+            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm,
+                                 lesion_contrast=lesion_contrast)
             ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
             tumours += len(p.info["tumours"])
         if layout == "msd":

@@ -108,8 +108,11 @@ def paint_liver_vessels_and_cysts(canvas: Canvas, rng, pal, geo, tex) -> None:
         canvas.paint(box, f, T.LIVER_CYST, pal["water"] + 2.0 * tex[box], where=canvas.tissue_in(box, LIVER_IDS))
 
 
-def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: float = 0.0) -> list[dict]:
-    """Several lesions 3-40 mm across (at least `min_diameter_mm`), or none (20% of cases)."""
+def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: float = 0.0,
+                        contrast_scale: float = 1.0) -> list[dict]:
+    """Several lesions 3-40 mm across (at least `min_diameter_mm`), or none (20% of cases).
+    `contrast_scale` multiplies each lesion's drawn HU difference to the liver (the random draws
+    are the same, so a case keeps its lesions and only their conspicuity changes)."""
     (rc, rs), (lc, ls) = geo["liver"]["right"], geo["liver"]["left"]
     lo = np.minimum(np.subtract(rc, rs), np.subtract(lc, ls))
     hi = np.maximum(np.add(rc, rs), np.add(lc, ls))
@@ -126,7 +129,7 @@ def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: flo
             continue
         where = canvas.tissue_in(box, LIVER_IDS + (T.LIVER_TUMOUR,))
         kind = rng.choice(["hypodense", "hyperdense", "rim"], p=[0.45, 0.25, 0.30])
-        contrast = rng.uniform(10.0, 40.0) if kind == "hypodense" else rng.uniform(15.0, 40.0)
+        contrast = contrast_scale * (rng.uniform(10.0, 40.0) if kind == "hypodense" else rng.uniform(15.0, 40.0))
         texture = rng.uniform(3.0, 8.0) * tex[box]
         if kind == "hypodense":
             canvas.paint(box, f, T.LIVER_TUMOUR, liver - contrast + texture, edge=min(rng.uniform(2, 4), r), where=where)
@@ -135,7 +138,8 @@ def paint_liver_tumours(canvas: Canvas, rng, pal, geo, tex, min_diameter_mm: flo
         else:
             canvas.paint(box, f, T.LIVER_TUMOUR, liver + contrast + texture, edge=min(rng.uniform(1, 2), r), where=where)
             core = f + max(1.0, 0.25 * r)
-            canvas.paint(box, core, T.LIVER_TUMOUR, liver - rng.uniform(15, 40) + texture, edge=1.5, where=where)
+            canvas.paint(box, core, T.LIVER_TUMOUR, liver - contrast_scale * rng.uniform(15, 40) + texture, edge=1.5,
+                         where=where)
         out.append({"center_mm": [float(v) for v in c], "radius_mm": r, "kind": str(kind), "contrast_hu": contrast})
     return out
 

@@ -135,11 +135,16 @@ def tissue_to_label(tissue: np.ndarray, task: str) -> np.ndarray:
 
 
 def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: int = 0,
-                     rng: np.random.Generator | None = None, min_lesion_mm: float = 0.0) -> Phantom:
+                     rng: np.random.Generator | None = None, min_lesion_mm: float = 0.0,
+                     lesion_contrast: float = 1.0) -> Phantom:
     """Generate one phantom case. `seed` and `index` pick the case (see `case_rng`); pass `rng`
     to draw from a generator of your own instead. `min_lesion_mm` raises the smallest tumour
     diameter (liver 3-40 mm, kidney 12-80 mm by default): coarse CPU runs (about 3 mm pixels)
-    cannot see lesions of one or two pixels, so their demos and benchmarks draw larger ones."""
+    cannot see lesions of one or two pixels, so their demos and benchmarks draw larger ones.
+    `lesion_contrast` scales liver lesions' HU difference to the liver (kidney masses are drawn
+    from their own enhancement model and ignore it)."""
+    if not lesion_contrast > 0:
+        raise ValueError(f"lesion_contrast must be positive, got {lesion_contrast}")
     get_task(task)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
@@ -154,7 +159,7 @@ def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: in
     paint_liver_vessels_and_cysts(canvas, rng, pal, geo, tex)
     paint_kidney_cysts(canvas, rng, pal, geo, tex)
     if task == "liver":
-        tumours = paint_liver_tumours(canvas, rng, pal, geo, tex, min_lesion_mm)
+        tumours = paint_liver_tumours(canvas, rng, pal, geo, tex, min_lesion_mm, lesion_contrast)
     else:
         tumours = paint_kidney_tumours(canvas, rng, pal, geo, tex, min_lesion_mm)
     del xw, yw, fields, tex
