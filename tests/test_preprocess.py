@@ -23,6 +23,22 @@ def test_resize_matches_torch_bilinear(size):
     np.testing.assert_allclose(resize_slices(x, size), ref.numpy(), atol=2e-5)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (32, 8), (20, 30), (96, 96)])
+def test_resize_of_slices_stored_x_fastest_and_at_integer_factors(size):
+    # NIfTI volumes give slices whose first in-plane axis is the contiguous one; 64 -> 16 and 64 -> 32
+    # are integer factors (strided views instead of gathers): same numbers as a C-ordered copy
+    torch = pytest.importorskip("torch")
+    c = np.random.default_rng(2).normal(size=(5, 64, 64)).astype(np.float32)
+    f = np.asfortranarray(c.transpose(1, 2, 0)).transpose(2, 0, 1)          # (z, x, y) view, x fastest
+    assert f.strides[1] < f.strides[2] and np.array_equal(f, c)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(c)[:, None], size=size, mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()
+    out = resize_slices(f, size)
+    assert out.flags["C_CONTIGUOUS"] and out.shape == (5, *size)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    np.testing.assert_allclose(resize_slices(c, size), ref, atol=2e-5)
+
+
 def test_resize_matches_the_dense_interpolation_matrices():
     x = np.random.default_rng(1).normal(size=(3, 40, 24)).astype(np.float32)
     a, b = linear_resize_matrix(40, 17), linear_resize_matrix(24, 50)

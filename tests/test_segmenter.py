@@ -69,6 +69,29 @@ def test_keep_largest_components_handles_tumour_inside_and_outside():
     assert np.array_equal(keep_largest_components(lab, [], 3), lab)
 
 
+def test_foreground_box_and_components_do_not_depend_on_memory_layout():
+    from scipy import ndimage
+
+    from regionkd.sdk.postprocess import foreground_box
+
+    rng = np.random.default_rng(5)
+    lab = np.zeros((40, 30, 20), dtype=np.uint8)
+    lab[5:20, 4:15, 3:12] = 1                      # the organ
+    lab[25:28, 20:24, 14:18] = 1                   # a smaller, separate organ blob: removed
+    lab[8:11, 6:9, 5:8] = 2                        # tumour inside the organ: kept
+    lab[33:35, 2:4, 1:3] = 2                       # tumour outside it: removed
+    assert foreground_box(lab) == ndimage.find_objects((lab > 0).astype(np.uint8))[0]
+    assert foreground_box(np.zeros((4, 4, 4), np.uint8)) is None
+    noise = (rng.random(lab.shape) < 0.01).astype(np.uint8)
+    assert foreground_box(noise) == ndimage.find_objects(noise)[0]
+    expected = lab.copy()
+    expected[25:28, 20:24, 14:18] = 0
+    expected[33:35, 2:4, 1:3] = 0
+    for stored in (lab, np.asfortranarray(lab), np.moveaxis(np.ascontiguousarray(np.moveaxis(lab, 2, 0)), 0, 2)):
+        out = keep_largest_components(stored, [1], 3)
+        assert np.array_equal(out, expected) and np.array_equal(stored, lab)       # input untouched
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_same_mask_in_physical_space_whatever_the_storage(tiny_bundle, layout):
     hu, affine = make_phantom()
