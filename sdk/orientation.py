@@ -40,13 +40,15 @@ class CanonicalVolume:
         return tuple(nio.ornt2axcodes(self.ornt))
 
     def to_original(self, canonical_array: np.ndarray) -> np.ndarray:
-        """Map an array in canonical voxel order back to the original file's voxel order."""
+        """Map an array in canonical voxel order back to the original file's voxel order. The result
+        is Fortran-ordered, the order a NIfTI file stores voxels in, so writing it is a plain copy
+        (a C-ordered result cost one more full transposition in nibabel's writer)."""
         if canonical_array.shape[:3] != self.data.shape[:3]:
             raise ValueError(f"array shape {canonical_array.shape} does not match the canonical volume {self.data.shape}")
         back = nio.ornt_transform(RAS, self.ornt)
         out = nio.apply_orientation(canonical_array, back)
         assert out.shape[:3] == tuple(self.original_shape[:3])
-        return np.ascontiguousarray(out)
+        return np.asfortranarray(out)
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> CanonicalVolume:
