@@ -403,6 +403,8 @@ def _cuda_available() -> bool:
               help="Most teacher epochs (default: preset); the teacher stops earlier when validation Dice plateaus.")
 @click.option("--sweep", is_flag=True, help="Run the capacity x KD-weight x temperature grid (first task) "
                                             "into kd_ablation-<preset>-sweep.* instead of the ablation.")
+@click.option("--settings", "setting_names", help="With --sweep: comma-separated subset of the sweep's settings "
+                                                  "(names as in benchmarks/README.md, e.g. none,paper,imd0.1).")
 @click.option("--device", default=None, help="auto, cpu, cuda (default: cuda for the paper preset, else cpu).")
 @click.option("--work", type=click.Path(path_type=Path), help="Data, checkpoints, logs "
               "(default: work/benchmarks/kd_ablation-<preset>); reused on the next run.")
@@ -410,7 +412,7 @@ def _cuda_available() -> bool:
               help="Where the JSON, Markdown and PNG go.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the trainer's own progress bars.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_arch, teacher_epochs_cap, sweep, device, work, results, verbose, quiet):
+def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_arch, teacher_epochs_cap, sweep, setting_names, device, work, results, verbose, quiet):
     """Train and evaluate teacher, students alone and distilled students on phantoms; write
     benchmarks/results/kd_ablation-<preset>.{json,md,png} (with --sweep: kd_ablation-<preset>-sweep.*)."""
     from tqdm import tqdm
@@ -434,6 +436,15 @@ def main(preset, tasks, students, with_resnet18, with_espnet, seeds, teacher_arc
         if teacher_arch not in list_models():
             raise InputError(f"--teacher {teacher_arch}: unknown network; known: {', '.join(list_models())}")
         p = replace(p, teacher=teacher_arch)
+    if setting_names:
+        if not sweep:
+            raise InputError("--settings selects sweep settings; add --sweep")
+        names = [n.strip() for n in setting_names.split(",") if n.strip()]
+        known = {s_["name"]: s_ for s_ in SWEEP_SETTINGS}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"--settings {', '.join(unknown)}: unknown; known: {', '.join(known)}")
+        p = replace(p, sweep_settings=tuple(known[n] for n in names))
     device = device or ("cuda" if p.needs_gpu else "cpu")
     if device.startswith("cuda") and not _cuda_available():
         click.echo(f"kd_ablation --preset {preset}: training at this size needs a CUDA GPU and there is none here; "

@@ -265,3 +265,20 @@ def test_phantom_dataset_is_reused_and_a_different_one_refused(ablation):
     assert (data / C.DONE_MARKER).stat().st_mtime_ns == stamp
     with pytest.raises(InputError, match="another phantom dataset"):
         C.make_phantom_dataset(data, "liver", 5, (64, 64, 8), 0)
+
+
+@pytest.mark.parametrize("command, args, message", [
+    (kd_ablation.main, ["--settings", "paper"], "add --sweep"),
+    (kd_ablation.main, ["--sweep", "--settings", "paper,bogus"], "bogus: unknown"),
+    (kd_ablation.main, ["--teacher", "bogus"], "unknown network"),
+    (deploy.main, ["--also-student", "bogus"], "unknown network"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, command, args, message):
+    from click.testing import CliRunner
+
+    from regionkd.sdk.errors import InputError
+
+    result = CliRunner().invoke(command, ["--preset", "smoke", "--work", str(tmp_path / "w"),
+                                          "--results", str(tmp_path / "r"), "--quiet", *args])
+    assert isinstance(result.exception, InputError) and message in str(result.exception)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
