@@ -219,7 +219,10 @@ class Runner:
         losses, seconds = read_log(ckpt)
         row = {"task": self.task, "arch": arch, "role": role, "kd": kd, "seed": seed,
                "dice": {c: ev["mean"][c]["dice"] for c in ev["class_names"][1:]},
-               "dice_per_case": {cid: {c: v["dice"] for c, v in per.items()} for cid, per in ev["cases"].items()},
+               # cases whose reference lacks a class are None for it, as in the means (LiTS convention;
+               # evaluate gives them Dice 1 or 0 by whether anything was predicted)
+               "dice_per_case": {cid: {c: None if cid in ev.get("excluded", {}).get(c, ()) else v["dice"]
+                                       for c, v in per.items()} for cid, per in ev["cases"].items()},
                "val_dice_global": ck.get("metrics", {}).get("val", {}),
                "steps": ck.get("train_state", {}).get("step"),
                "loss_final": losses, "train_seconds": seconds,
