@@ -1,7 +1,7 @@
 """Distillation ablation on phantoms: does region-aware KD close the teacher-student gap?
 
 Per task (liver, kidney): a fixed phantom dataset (fixed seed, train/validation split by case),
-a RAUNet teacher trained in chunks until its validation Dice stops improving (or the preset's
+a teacher (RAUNet; UNet in the cpu preset) trained in chunks until its validation Dice stops improving (or the preset's
 cap), then each student trained alone and with PMD, PMD+IMD, PMD+IMD+RAD, over several seeds.
 Every run is evaluated per case on the validation volumes (`regionkd.train.evaluate`) and its
 final loss terms are read from the training log. The report gives per-case-mean Dice with the
@@ -394,7 +394,7 @@ def _cuda_available() -> bool:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="cpu", show_default=True,
-              help="smoke: seconds, for tests; cpu: 128x128 slices, < 2 h on 2 cores; paper: 384x384, GPU.")
+              help="smoke: seconds, for tests; cpu: 96x96 phantoms, UNet teacher, < 2 h on 2 cores; paper: 384x384, GPU.")
 @click.option("--tasks", help="Comma-separated subset of the preset's tasks (liver, kidney).")
 @click.option("--students", help="Comma-separated students instead of the preset's (e.g. enet,mobilenetv2; "
                                  "with --sweep, instead of the sweep's enet,espnet,tinynet).")
