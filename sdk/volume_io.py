@@ -51,18 +51,9 @@ class NiftiVolume:
         return self._canonical
 
 
-def _why_not_nifti(path: Path) -> str:
-    """Tell a broken gzip stream or a cut-off header from a file that is something else."""
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:      # read to the end: a cut stream fails there
-                head = fh.read(348)
-                while fh.read(1 << 20):
-                    pass
-        except (EOFError, OSError, zlib.error) as exc:
-            return f"truncated or corrupt gzip stream ({type(exc).__name__}: {exc})"
-    else:
-        head = path.read_bytes()[:348]
+def _why_not_nifti(head: bytes) -> str:
+    """Tell a cut-off header from a file that is something else, from its first bytes
+    (decompressed for .gz)."""
     if len(head) < 348:
         return f"truncated or corrupt: {len(head)} bytes, shorter than a NIfTI header (348)"
     return "not a NIfTI file"
@@ -89,18 +80,16 @@ def _gz_errors() -> tuple:
 
 def _load_gzipped(path: Path):
     """A .nii.gz decompressed whole in one call and parsed from memory: faster than nibabel's
-    streaming read (see `_gzip_module`). None when the bytes are not a NIfTI-1/2 header, so the
-    caller falls back to nibabel's own load and its messages."""
+    streaming read (see `_gzip_module`), and a broken stream or non-NIfTI content is told
+    apart here, from the same bytes."""
     try:
         raw = _gzip_module().decompress(path.read_bytes())
     except _gz_errors() as exc:
         raise InputError(f"{path}: truncated or corrupt gzip stream ({type(exc).__name__}: {exc})") from exc
-    if len(raw) < 348:
-        raise InputError(f"{path}: truncated or corrupt: {len(raw)} bytes, shorter than a NIfTI header (348)")
-    sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")} if len(raw) >= 348 else set()
     klass = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
     if klass is None:
-        return None
+        raise InputError(f"{path}: {_why_not_nifti(raw[:348])}")
     try:
         return klass.from_bytes(raw)
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError) as exc:
@@ -109,13 +98,11 @@ def _load_gzipped(path: Path):
 
 def _load_image(path: Path):
     if path.name.endswith(".gz") and path.is_file():
-        img = _load_gzipped(path)
-        if img is not None:
-            return img
+        return _load_gzipped(path)
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        raise InputError(f"{path}: {_why_not_nifti(path)} ({exc})") from exc
+        raise InputError(f"{path}: {_why_not_nifti(path.read_bytes()[:348])} ({exc})") from exc
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
