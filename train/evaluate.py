@@ -38,9 +38,10 @@ def predict_volume(model, volume: CanonicalVolume, window, input_size, device="c
 
 
 def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu", batch_size: int = 8,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, metrics=METRICS) -> dict:
     """Per-case and mean per-class metrics of a checkpoint on `data_root`'s validation cases
-    (the split the checkpoint was trained with), or on `case_ids`."""
+    (the split the checkpoint was trained with), or on `case_ids`. Leaving assd and hd95 out of
+    `metrics` skips the surface distances (reported as None)."""
     from tqdm import tqdm
 
     from .data import open_dataset
@@ -80,7 +81,7 @@ def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu"
         pred = canonical.to_original(predict_volume(model, canonical, window, input_size, device, batch_size))
         ref = canonical.to_original(np.asarray(case.label))
         spacing = canonical.original_spacing
-        per_label = case_metrics(pred, ref, spacing, labels)
+        per_label = case_metrics(pred, ref, spacing, labels, surface=bool({"assd", "hd95"} & set(metrics)))
         cases[cid] = {}
         for lab in labels:
             row = {m: _as_float(per_label[lab][m]) for m in METRICS}
@@ -97,6 +98,9 @@ def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu"
             notes.append(f"{name}: {', '.join(excluded[name])} left out of the mean (reference empty for {name})")
         row = {}
         for m in METRICS:
+            if m not in metrics:
+                row[m] = None
+                continue
             vals = [cases[cid][name][m] for cid in kept]
             finite = [v for v in vals if v is not None and math.isfinite(v)]
             row[m] = float(np.mean(finite)) if finite else None
