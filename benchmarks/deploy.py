@@ -178,12 +178,12 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
     from regionkd.sdk.bundle import load_bundle
     from regionkd.sdk.cli_bench import TorchModelBackend, measure
     from regionkd.sdk.errors import RegionKDError
-    from regionkd.sdk.segmenter import Segmenter
+    from regionkd.sdk.segmenter import Segmenter, organ_labels_of
     from regionkd.sdk.volume_io import read_nifti
 
     bundle = load_bundle(bundle_dir)
     shape = [int(v) for v in read_nifti(volume).data.shape]
-    organ_labels = bundle.preprocessing.get("largest_component_labels")
+    organ_labels = organ_labels_of(bundle.preprocessing, bundle.class_names)
     student_gflops = bundle.manifest["model"].get("gflops_per_slice") or gflops_of(student)
     jobs = ([("torch", teacher, "fp32")] if teacher else []) + [
         ("torch", student, "fp32"), ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]

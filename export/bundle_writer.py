@@ -53,12 +53,22 @@ def model_section(ckpt: dict, params: int, name: str | None = None, gflops_per_s
 
 
 def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
-    """The checkpoint's preprocessing, with the contract's defaults filled in."""
+    """The checkpoint's preprocessing, with the contract's defaults filled in, and the organ
+    labels whose largest component(s) the runtime keeps: `largest_component_labels` as given, or
+    from the checkpoint's task (with `largest_component_counts` for an organ of two, the kidneys)."""
     pre = dict(ckpt["preprocessing"])
     out = {"window": [float(v) for v in pre["window"]], "input_size": [int(v) for v in pre["input_size"]],
            "orientation": pre.get("orientation", "RAS"), "slice_axis": pre.get("slice_axis", "axial"),
            "normalisation": pre.get("normalisation", {"type": "window-linear", "range": [-1, 1]})}
-    if largest_component_labels is not None:
+    if largest_component_labels is None and ckpt.get("task"):
+        from regionkd.train.torch_backend import organ_components_of
+
+        organs = organ_components_of(ckpt["task"])
+        out["largest_component_labels"] = sorted(organs)
+        counts = {str(k): n for k, n in organs.items() if n != 1}
+        if counts:
+            out["largest_component_counts"] = counts
+    elif largest_component_labels is not None:
         out["largest_component_labels"] = list(largest_component_labels)
     return out
 

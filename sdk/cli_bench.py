@@ -191,7 +191,7 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
 
     from .backends import BACKENDS
     from .bundle import PRECISIONS, load_bundle
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, organ_labels_of
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     b = load_bundle(bundle)
@@ -222,7 +222,7 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
                     engine = TorchModelBackend(Path(which), threads, batch_size)
                     ck = engine.checkpoint
                     seg = Segmenter.from_backend(engine, ck["preprocessing"], ck["class_names"],
-                                                 organ_labels=b.preprocessing.get("largest_component_labels"),
+                                                 organ_labels=organ_labels_of(b.preprocessing, b.class_names),
                                                  batch_size=batch_size)
                     row.update(model=f"{ck.get('arch')} ({ck.get('role', 'checkpoint')})", model_file=Path(which).name,
                                size_bytes=engine.state_bytes, params=engine.params)

@@ -1,11 +1,14 @@
-"""Post-processing of a label volume: keep the largest connected component of each organ class.
+"""Post-processing of a label volume: keep the largest connected component(s) of each organ class.
 
-Lesion (non-organ, non-background) voxels are counted as part of the organ when finding its
-components, because a tumour sits inside the organ and often splits the organ mask. The organ
-component kept is the one with the most organ voxels. Organ voxels outside it become background;
-lesion voxels are kept only when they lie in a kept organ component, since a liver or kidney
-tumour outside its organ is a false positive under the LiTS / KiTS19 label conventions.
-With no organ class configured the mask is returned unchanged.
+An organ class keeps as many components as the organ has (`organ_labels` maps label -> count:
+one liver, two kidneys); a component other than the largest is kept only when it holds at least
+MIN_COMPONENT_SHARE of the largest one's organ voxels, so that a patient with one kidney does not
+get a stray blob as the second. Lesion (non-organ, non-background) voxels are counted as part of
+the organ when finding its components, because a tumour sits inside the organ and often splits
+the organ mask; components are ranked by their organ voxels. Organ voxels outside the kept
+components become background; lesion voxels are kept only when they lie in a kept component,
+since a liver or kidney tumour outside its organ is a false positive under the LiTS / KiTS19
+label conventions. With no organ class configured the mask is returned unchanged.
 """
 from __future__ import annotations
 
@@ -14,6 +17,15 @@ from scipy import ndimage
 
 # 26-connectivity: diagonal neighbours in thick slices still belong to one organ
 _STRUCTURE = ndimage.generate_binary_structure(3, 3)
+MIN_COMPONENT_SHARE = 0.1
+
+
+def organ_component_counts(organ_labels) -> dict[int, int]:
+    """{label: components to keep} from a mapping (keys may be strings, as in JSON) or a list
+    of labels (one component each)."""
+    if isinstance(organ_labels, dict):
+        return {int(k): int(v) for k, v in organ_labels.items()}
+    return {int(k): 1 for k in organ_labels}
 
 
 def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
@@ -29,8 +41,10 @@ def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int) -> np.ndarray:
-    """A copy of `labels` (uint8, 3D) with one component per organ label kept (see module doc)."""
-    organ_labels = [int(k) for k in organ_labels if 0 < int(k) < num_classes]
+    """A copy of `labels` (uint8, 3D) with each organ label's largest component(s) kept (see
+    module doc). `organ_labels`: {label: count}, or a list of labels (count 1)."""
+    counts = {k: n for k, n in organ_component_counts(organ_labels).items() if 0 < k < num_classes and n > 0}
+    organ_labels = list(counts)
     if not organ_labels:
         return labels
     out = labels.copy(order="K")        # keeps the memory layout: a plain copy, not a transpose
@@ -49,7 +63,9 @@ def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int) 
         components, n = ndimage.label(organ_mask | lesion, structure=_STRUCTURE)
         organ_counts = np.bincount(components[organ_mask], minlength=n + 1)
         organ_counts[0] = 0
-        keep = components == int(np.argmax(organ_counts))
+        ranked = np.argsort(organ_counts)[::-1][:counts[organ]]
+        ranked = [int(c) for c in ranked if organ_counts[c] >= MIN_COMPONENT_SHARE * organ_counts[ranked[0]]]
+        keep = np.isin(components, ranked)
         region[organ_mask & ~keep] = 0
         kept_region |= keep
     region[lesion & ~kept_region] = 0

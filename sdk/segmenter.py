@@ -45,10 +45,23 @@ class SegmentationResult:
         return int(self.timings.get("slices", 0))
 
 
-def default_organ_labels(class_names) -> list[int]:
-    """Organ classes when the manifest does not say: every non-background class that is not a lesion."""
-    return [i for i, name in enumerate(class_names)
-            if i > 0 and not any(word in name.lower() for word in LESION_WORDS)]
+PAIRED_ORGAN_WORDS = ("kidney",)     # organs a patient usually has two of
+
+
+def default_organ_labels(class_names) -> dict[int, int]:
+    """Organ classes when the manifest does not say: every non-background class that is not a
+    lesion, with two components for a paired organ (kidneys) and one otherwise."""
+    return {i: 2 if any(w in name.lower() for w in PAIRED_ORGAN_WORDS) else 1 for i, name in enumerate(class_names)
+            if i > 0 and not any(word in name.lower() for word in LESION_WORDS)}
+
+
+def organ_labels_of(preprocessing: dict, class_names) -> dict[int, int]:
+    """{organ label: components kept} from a manifest's preprocessing (`largest_component_labels`,
+    optionally `largest_component_counts` {"label": count}), or the default from the class names."""
+    if "largest_component_labels" not in preprocessing:
+        return default_organ_labels(class_names)
+    counts = {int(k): int(v) for k, v in (preprocessing.get("largest_component_counts") or {}).items()}
+    return {int(k): counts.get(int(k), 1) for k in preprocessing["largest_component_labels"]}
 
 
 def image_to_hu(image, name: str = "image") -> np.ndarray:
@@ -69,9 +82,9 @@ class Segmenter:
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         prep = self.bundle.preprocessing
-        organ_labels = prep.get("largest_component_labels", default_organ_labels(self.bundle.class_names))
+        organ_labels = organ_labels_of(prep, self.bundle.class_names)
         engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size)
-        self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else [], batch_size)
+        self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size)
 
     @classmethod
     def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None):
@@ -79,7 +92,7 @@ class Segmenter:
         self = cls.__new__(cls)
         self.bundle = None
         if organ_labels is None:
-            organ_labels = preprocessing.get("largest_component_labels", default_organ_labels(class_names))
+            organ_labels = organ_labels_of(preprocessing, class_names)
         self._setup(backend, preprocessing, class_names, organ_labels, batch_size)
         return self
 
@@ -88,7 +101,9 @@ class Segmenter:
         self.window = [float(v) for v in preprocessing["window"]]
         self.input_size = tuple(int(v) for v in preprocessing["input_size"])
         self.class_names = list(class_names)
-        self.organ_labels = list(organ_labels)
+        from .postprocess import organ_component_counts
+
+        self.organ_labels = organ_component_counts(organ_labels)
         self.batch_size = int(batch_size or getattr(backend, "max_batch", None) or 16)
         self._lock = None if getattr(backend, "thread_safe", False) else threading.Lock()
 

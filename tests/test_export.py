@@ -307,3 +307,14 @@ def test_interrupted_bundle_leaves_nothing_and_keeps_the_old_one(tmp_path):
             raise RuntimeError("export failed")
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
     assert (final / "manifest.json").read_text() == "{}"
+
+
+def test_bundle_preprocessing_names_the_organ_components_of_the_task():
+    from regionkd.export.bundle_writer import preprocessing_section
+
+    pre = {"window": [-200, 300], "input_size": [64, 64]}
+    kidney = preprocessing_section({"task": "kidney", "preprocessing": pre})
+    assert kidney["largest_component_labels"] == [1] and kidney["largest_component_counts"] == {"1": 2}
+    liver = preprocessing_section({"task": "liver", "preprocessing": pre})
+    assert liver["largest_component_labels"] == [1] and "largest_component_counts" not in liver
+    assert preprocessing_section({"task": "kidney", "preprocessing": pre}, [])["largest_component_labels"] == []

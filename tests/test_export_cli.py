@@ -106,6 +106,8 @@ def test_bundle_loads_and_lists_every_precision(exported):
     assert {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"} <= set(names)
     assert m["model"]["arch"] == "tinynet" and m["model"]["params"] > 1000
     assert m["preprocessing"]["window"] == WINDOW and m["preprocessing"]["input_size"] == SIZE
+    assert m["preprocessing"]["largest_component_labels"] == [1]          # from the liver task, not guessed
+    assert "largest_component_counts" not in m["preprocessing"]
     assert m["io"] == {"input": "image", "output": "logits", "max_batch": 4}
     assert names["model.int8.onnx"]["flavour"] == "tensorrt"
     # the onnxruntime INT8 file is whichever flavour measured faster here

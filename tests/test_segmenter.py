@@ -69,6 +69,31 @@ def test_keep_largest_components_handles_tumour_inside_and_outside():
     assert np.array_equal(keep_largest_components(lab, [], 3), lab)
 
 
+def test_two_kidneys_keep_two_components_but_not_a_stray_blob():
+    lab = np.zeros((20, 10, 4), dtype=np.uint8)
+    lab[1:6, 1:6, :] = 1          # right kidney, 100 voxels
+    lab[12:16, 1:5, :] = 1        # left kidney, 64 voxels
+    lab[13, 2, 1] = 2             # a tumour in the smaller kidney
+    lab[18, 8, 2] = 1             # a stray blob of 1 voxel (< 10% of the largest)
+    two = keep_largest_components(lab, {1: 2}, 3)
+    expected = lab.copy()
+    expected[18, 8, 2] = 0
+    assert np.array_equal(two, expected)
+    one = keep_largest_components(lab, {"1": 1}, 3)      # JSON-style keys; one component: the right kidney only
+    assert (one[12:16] == 0).all() and (one[1:6, 1:6] == lab[1:6, 1:6]).all()
+    assert np.array_equal(keep_largest_components(lab, [1], 3), one)
+
+
+def test_organ_labels_from_the_manifest_or_the_class_names():
+    from regionkd.sdk.segmenter import organ_labels_of
+
+    assert organ_labels_of({}, ["background", "kidney", "tumour"]) == {1: 2}
+    assert organ_labels_of({}, ["background", "liver", "tumour"]) == {1: 1}
+    assert organ_labels_of({"largest_component_labels": [1], "largest_component_counts": {"1": 2}},
+                           ["background", "organ", "lesion"]) == {1: 2}
+    assert organ_labels_of({"largest_component_labels": []}, ["background", "kidney", "tumour"]) == {}
+
+
 def test_foreground_box_and_components_do_not_depend_on_memory_layout():
     from scipy import ndimage
 

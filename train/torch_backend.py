@@ -26,9 +26,18 @@ class TorchBackend:
         self.model = None
 
 
+def organ_components_of(task_name: str) -> dict[int, int]:
+    """{organ label: connected components post-processing keeps} of a task (two kidneys)."""
+    from .data.tasks import get_task
+
+    task = get_task(task_name)
+    return {task.organ_label: task.organ_components}
+
+
 def checkpoint_segmenter(model, ckpt: dict, device="cpu", batch_size: int = 16):
-    """The SDK `Segmenter` over a loaded checkpoint's network."""
+    """The SDK `Segmenter` over a loaded checkpoint's network, post-processed for its task."""
     from regionkd.sdk.segmenter import Segmenter
 
     return Segmenter.from_backend(TorchBackend(model, device, batch_size), ckpt["preprocessing"],
-                                  ckpt["class_names"], batch_size=batch_size)
+                                  ckpt["class_names"], organ_labels=organ_components_of(ckpt["task"]),
+                                  batch_size=batch_size)

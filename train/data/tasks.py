@@ -19,6 +19,7 @@ class Task:
     organ_label: int = 1
     lesion_label: int = 2
     dataset: str = ""                # the public dataset whose convention the labels follow
+    organ_components: int = 1        # connected organs a scan shows (two kidneys): what post-processing keeps
 
     @property
     def num_classes(self) -> int:
@@ -27,7 +28,8 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "liver": Task("liver", ("background", "liver", "tumour"), (0, 1, 2), (-60.0, 140.0), dataset="LiTS"),
-    "kidney": Task("kidney", ("background", "kidney", "tumour"), (0, 1, 2), (-200.0, 300.0), dataset="KiTS19"),
+    "kidney": Task("kidney", ("background", "kidney", "tumour"), (0, 1, 2), (-200.0, 300.0), dataset="KiTS19",
+                   organ_components=2),
 }
 
 
