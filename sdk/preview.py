@@ -54,5 +54,5 @@ def write_preview(path: str | os.PathLike, hu: np.ndarray, mask: np.ndarray, aff
     """Write the montage as PNG atomically."""
     pil = require("PIL.Image", purpose="--preview")
     sheet = montage(hu, mask, affine, window, n_slices)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, suffix="") as tmp:
         pil.fromarray(sheet).save(tmp, format="PNG")

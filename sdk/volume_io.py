@@ -217,14 +217,19 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
 
 
 def save_nifti_atomic(img, path: str | os.PathLike) -> Path:
-    """nib.save through a temporary file with the same suffix (nibabel picks the format from
-    it), renamed into place: a failed write leaves no file at `path`."""
+    """Write a NIfTI image through a temporary file renamed into place: a failed write leaves no
+    file at `path`. The bytes are made here (gzip level 1 as nibabel does, with ISA-L when
+    installed: 3x faster for a mask), so the temporary name need not end in .nii/.nii.gz and is
+    never taken for an input (see `regionkd.sdk.atomic`)."""
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    with atomic_path(path, suffix=suffix) as tmp:
-        if suffix == ".nii.gz" and isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            # compress level 1 as nibabel does, with ISA-L when installed (3x faster for a mask)
-            Path(tmp).write_bytes(_gzip_module().compress(img.to_bytes(), compresslevel=1))
-        else:
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        with atomic_path(path, suffix=suffix) as tmp:     # nibabel picks the format from the suffix
             nib.save(img, str(tmp))
+        return path
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = _gzip_module().compress(data, compresslevel=1)
+    with atomic_path(path, suffix="") as tmp:
+        Path(tmp).write_bytes(data)
     return path
