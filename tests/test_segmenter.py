@@ -7,7 +7,7 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import build_tiny_bundle, expected_labels_from_hu, make_phantom
+from conftest import EXACT_SHAPE, build_tiny_bundle, expected_labels_from_hu, make_phantom
 from nibabel import orientations as nio
 
 from regionkd.sdk.errors import InputError
@@ -35,7 +35,7 @@ def to_ras(img):
 
 
 def test_mask_is_the_hand_computed_threshold_without_resize(exact_bundle):
-    hu, affine = make_phantom(with_distractor=False)
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=False)
     with Segmenter(exact_bundle, backend="onnxruntime", largest_component=False) as seg:
         mask = np.asarray(seg.segment(ras_image(hu, affine)).mask.dataobj)
     expected = expected_labels_from_hu(hu)
@@ -44,8 +44,8 @@ def test_mask_is_the_hand_computed_threshold_without_resize(exact_bundle):
 
 
 def test_largest_component_removes_the_distractor_blob(exact_bundle):
-    hu, affine = make_phantom(with_distractor=True)
-    clean, _ = make_phantom(with_distractor=False)
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=True)
+    clean, _ = make_phantom(shape=EXACT_SHAPE, with_distractor=False)
     with Segmenter(exact_bundle, backend="onnxruntime") as seg:
         mask = np.asarray(seg.segment(ras_image(hu, affine)).mask.dataobj)
     with Segmenter(exact_bundle, backend="onnxruntime", largest_component=False) as seg:

@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from regionkd.sdk.backends.engine_build import EngineBuildError, available_builders, build_engine  # noqa: E402
 from regionkd.sdk.backends.tensorrt_backend import short_version, tensorrt_available  # noqa: E402
 
-H = W = 16
+H = W = 32   # the manifest schema wants multiples of 32
 RTX_VERSION = short_version(trt.__version__)
 
 
