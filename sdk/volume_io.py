@@ -19,6 +19,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import InputError
+from .nifti_bounds import DEFAULT_MAX_VOXELS, check_uncompressed, read_gzip_bounded
 from .orientation import CanonicalVolume, to_canonical
 
 KINDS = ("image", "label")
@@ -70,35 +71,22 @@ def _gzip_module():
         return gzip
 
 
-def _gz_errors() -> tuple:
-    try:
-        from isal.isal_zlib import error as isal_error
-        return (EOFError, OSError, zlib.error, ValueError, isal_error)
-    except ImportError:  # pragma: no cover
-        return (EOFError, OSError, zlib.error, ValueError)
-
-
-def _load_gzipped(path: Path):
-    """A .nii.gz decompressed whole in one call and parsed from memory: faster than nibabel's
-    streaming read (see `_gzip_module`), and a broken stream or non-NIfTI content is told
+def _load_gzipped(path: Path, max_voxels: int | None):
+    """A .nii.gz decompressed in memory and parsed from it: never past the size its header
+    declares (see `regionkd.sdk.nifti_bounds`), and a broken stream or non-NIfTI content is told
     apart here, from the same bytes."""
+    raw, layout = read_gzip_bounded(path, max_voxels)
     try:
-        raw = _gzip_module().decompress(path.read_bytes())
-    except _gz_errors() as exc:
-        raise InputError(f"{path}: truncated or corrupt gzip stream ({type(exc).__name__}: {exc})") from exc
-    sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")} if len(raw) >= 348 else set()
-    klass = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
-    if klass is None:
-        raise InputError(f"{path}: {_why_not_nifti(raw[:348])}")
-    try:
-        return klass.from_bytes(raw)
+        return layout.klass.from_bytes(raw)
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError) as exc:
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_image(path: Path):
+def _load_image(path: Path, max_voxels: int | None):
     if path.name.endswith(".gz") and path.is_file():
-        return _load_gzipped(path)
+        return _load_gzipped(path, max_voxels)
+    if path.name.endswith(".nii"):
+        check_uncompressed(path, max_voxels)      # declared size and limits, before nibabel maps anything
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
@@ -107,13 +95,20 @@ def _load_image(path: Path):
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    if max_voxels is not None and int(np.prod(img.shape, dtype=np.float64)) > max_voxels:
+        raise InputError(f"{path}: {'x'.join(map(str, img.shape))} voxels, more than the limit of {max_voxels:,}")
     return img
 
 
-def _read_voxels(img, path: Path, kind: str) -> np.ndarray:
+def _read_voxels(img, path: Path, kind: str, complex_ok: bool = False) -> np.ndarray:
     """Read all voxel data; truncated files and broken gzip streams fail here."""
     try:
         if kind == "image":
+            if img.get_data_dtype().kind == "c":
+                if not complex_ok:
+                    raise InputError(f"{path}: {img.get_data_dtype()} (complex) voxels; a CT volume is real-valued "
+                                     "and the imaginary part would be dropped")
+                return np.real(np.asanyarray(img.dataobj)).astype(np.float32)
             return img.get_fdata(dtype=np.float32)
         return np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
@@ -177,11 +172,15 @@ def validate_image(data: np.ndarray, affine, name) -> tuple[np.ndarray, np.ndarr
     return data, affine
 
 
-def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
+def read_nifti(path: str | os.PathLike, kind: str = "image", max_voxels: int | None = DEFAULT_MAX_VOXELS,
+               complex_ok: bool = False) -> NiftiVolume:
     """Read and validate a 3D NIfTI file (.nii or .nii.gz).
 
-    kind="image": voxels as float32 HU (scl_slope/inter applied), all finite.
+    kind="image": voxels as float32 HU (scl_slope/inter applied), all finite; complex voxels are
+    refused (complex_ok=True: their real part, for research use).
     kind="label": integer-valued voxels as an integer array (uint8 when they fit).
+    max_voxels: a header declaring more voxels is refused before anything is read (None: no limit);
+    the data must be exactly as long as the header declares (see `regionkd.sdk.nifti_bounds`).
     Raises InputError naming the file for anything that cannot be segmented as given.
     """
     if kind not in KINDS:
@@ -193,8 +192,8 @@ def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
         raise InputError(f"{path}: is a directory, not a NIfTI file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty (0 bytes)")
-    img = _load_image(path)
-    data = _read_voxels(img, path, kind)
+    img = _load_image(path, max_voxels)
+    data = _read_voxels(img, path, kind, complex_ok)
     if kind == "image":
         data, affine = validate_image(data, img.affine, path)
     else:
