@@ -125,7 +125,49 @@ def _decompressor():
 
 
 def read_gzip_bounded(path: Path, max_voxels: int | None) -> tuple[bytes, Declared]:
-    """Decompress a .nii.gz, never past the bytes its header declares; (bytes, layout)."""
+    """Decompress a .nii.gz, never past the bytes its header declares; (bytes, layout).
+
+    Fast path (one gzip member, the usual case): the header is inflated from the first 64 kB and
+    checked, then the file is inflated in one call capped at the declared size + 1 byte. Several
+    members (concatenated gzip files) take the incremental path."""
+    make, zerrors = _decompressor()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        d = make(wbits=31)
+        prefix = d.decompress(head, 540)
+        if len(prefix) < 540 and not d.eof:
+            return _read_gzip_incremental(path, max_voxels)   # a header spread over many tiny blocks
+        layout = declared(prefix, path, max_voxels)
+        size = path.stat().st_size
+        if size > layout.total_bytes * 1.01 + (1 << 20):     # deflate never grows data by 1 %
+            raise InputError(f"{path}: {size:,} compressed bytes cannot hold only the {layout.total_bytes:,} bytes "
+                             f"its header declares ({'x'.join(map(str, layout.shape))} {layout.dtype}); refused")
+        d = make(wbits=31)
+        raw = d.decompress(path.read_bytes(), layout.total_bytes + 1)
+        if len(raw) <= layout.total_bytes and not d.eof and d.unconsumed_tail:
+            raw += d.decompress(d.unconsumed_tail, layout.total_bytes + 1 - len(raw))   # the trailer
+        if d.eof and d.unused_data:
+            return _read_gzip_incremental(path, max_voxels)
+    except zerrors as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip stream ({type(exc).__name__}: {exc})") from exc
+    except (EOFError, OSError) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip stream ({type(exc).__name__}: {exc})") from exc
+    if len(raw) > layout.total_bytes:
+        raise InputError(f"{path}: the gzip stream holds more than the {layout.total_bytes:,} bytes its header "
+                         f"declares ({'x'.join(map(str, layout.shape))} {layout.dtype}); refused (a decompression "
+                         "bomb or a corrupt file)")
+    if not d.eof:
+        raise InputError(f"{path}: truncated or corrupt gzip stream (it ends after {len(raw):,} bytes of "
+                         f"{layout.total_bytes:,} declared)")
+    if len(raw) < layout.total_bytes:
+        raise InputError(f"{path}: truncated or corrupt voxel data: {len(raw):,} bytes decompressed, the header "
+                         f"declares {layout.total_bytes:,}")
+    return raw, layout
+
+
+def _read_gzip_incremental(path: Path, max_voxels: int | None) -> tuple[bytes, Declared]:
+    """Like read_gzip_bounded, member by member and chunk by chunk (any number of gzip members)."""
     make, zerrors = _decompressor()
     chunks: list[bytes] = []
     have = 0
