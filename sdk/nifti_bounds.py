@@ -73,7 +73,9 @@ def declared(prefix: bytes, path, max_voxels: int | None) -> Declared:
     if max_voxels is not None and voxels > max_voxels:
         raise InputError(f"{path}: the header declares {'x'.join(map(str, shape))} = {voxels:,} voxels, more than "
                          f"the limit of {max_voxels:,} (max_voxels / --max-voxels); refused before reading")
-    offset = max(offset, size + 4)
+    if offset < size + 4:
+        raise InputError(f"{path}: vox_offset {offset} puts the voxel data inside the header (a single-file "
+                         f"NIfTI needs at least {size + 4}); refused rather than reading the header as voxels")
     if offset - size - 4 > MAX_EXTENSION_BYTES:
         raise InputError(f"{path}: the header puts the voxel data {offset:,} bytes in (over "
                          f"{MAX_EXTENSION_BYTES:,} bytes of header extensions)")

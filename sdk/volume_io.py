@@ -34,6 +34,8 @@ class NiftiVolume:
     affine: np.ndarray        # float64 4x4, voxel -> world (RAS mm)
     header: object            # nibabel header, kept to write masks with the same geometry
     kind: str = "image"
+    scaling: tuple = (None, None)   # (scl_slope, scl_inter) the voxels were scaled with (nibabel moves them
+                                    # from the header to the data proxy on reading), None when unscaled
     _canonical: CanonicalVolume | None = field(default=None, repr=False)
 
     @property
@@ -199,7 +201,8 @@ def read_nifti(path: str | os.PathLike, kind: str = "image", max_voxels: int | N
     else:
         data, affine = _check_shape(data, path), _check_affine(img.affine, path)
         data = _labels_as_integers(data, path)
-    return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind)
+    scaling = (getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None))
+    return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind, scaling=scaling)
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:

@@ -233,3 +233,15 @@ def test_complex_voxels_are_refused_unless_asked_for(tmp_path):
     with pytest.raises(InputError, match=r"complex\.nii\.gz: complex64 \(complex\) voxels; .*imaginary part"):
         read_nifti(p)
     np.testing.assert_array_equal(read_nifti(p, complex_ok=True).data, np.full((8, 8, 8), 40.0, np.float32))
+
+
+def test_a_vox_offset_inside_the_header_is_refused(tmp_path):
+    # nibabel would read the header bytes as voxels
+    raw = bytearray(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), AFF).to_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw)))
+    hdr["vox_offset"] = 0
+    raw[:348] = hdr.binaryblock
+    for name in ("zero.nii", "zero.nii.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+        with pytest.raises(InputError, match=r"vox_offset 0 puts the voxel data inside the header"):
+            read_nifti(tmp_path / name)
