@@ -60,6 +60,9 @@ def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
            "normalisation": pre.get("normalisation", {"type": "window-linear", "range": [-1, 1]})}
     if largest_component_labels is not None:
         out["largest_component_labels"] = list(largest_component_labels)
+    if pre.get("spacing"):   # the training data's voxel sizes: the SDK warns when an input is far from them
+        out["spacing"] = {k: [float(v) for v in pre["spacing"][k]] for k in ("in_plane_mm", "slice_thickness_mm")
+                          if k in pre["spacing"]}
     return out
 
 

@@ -191,14 +191,15 @@ def check_signature(root: Path, manifest_bytes: bytes, trusted: list[TrustedKey]
     return SignatureStatus("verified", key.key_id)
 
 
-def sign_bundle(root: str | os.PathLike, private_key_path: str | os.PathLike) -> dict:
+def sign_bundle(root: str | os.PathLike, private_key) -> dict:
     """Check the bundle (schema, containment, every checksum), then write manifest.sig for the
-    manifest's current bytes. Returns the signature document."""
+    manifest's current bytes. `private_key`: a key file or a key from `load_private_key`.
+    Returns the signature document."""
     from .atomic import atomic_write_text
     from .bundle import MANIFEST_NAME, load_bundle, read_inside
 
     root = Path(root)
-    key = load_private_key(private_key_path)
+    key = load_private_key(private_key) if isinstance(private_key, (str, os.PathLike)) else private_key
     bundle = load_bundle(root, trusted_keys=[])
     doc = signature_document(bundle.manifest_bytes, key)
     if read_inside(root, MANIFEST_NAME) != bundle.manifest_bytes:

@@ -422,7 +422,8 @@ def train(cfg: TrainConfig) -> dict:
                      "total_steps": total_steps, "world_size": proc.world, "finished": finished,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if use_amp else {}, "rng": rng_state()}
-            save_checkpoint(out, build_checkpoint(cfg, net, class_names, ds.task, window, state, metrics, t_ckpt))
+            save_checkpoint(out, build_checkpoint(cfg, net, class_names, ds.task, window, state, metrics, t_ckpt,
+                                                  spacing=cache.spacing_range(train_ids)))
 
         loader_gen = torch.Generator()
         bar = tqdm(total=target_steps, initial=step, disable=cfg.quiet or not proc.is_main, unit="step",
@@ -500,11 +501,16 @@ def run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log) -> dic
 
 
 def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, window, train_state: dict,
-                     metrics: dict, t_ckpt: dict | None) -> dict:
+                     metrics: dict, t_ckpt: dict | None, spacing: dict | None = None) -> dict:
     teacher = None
     if t_ckpt is not None:
         teacher = {"path": str(Path(cfg.teacher).resolve()), "sha256": sha256_file(cfg.teacher), "arch": t_ckpt["arch"]}
     distilled = cfg.mode == "distill"
+    preprocessing = {"window": [float(v) for v in window], "input_size": [cfg.input_size, cfg.input_size],
+                     "orientation": "RAS", "slice_axis": "axial",
+                     "normalisation": {"type": "window-linear", "range": [-1, 1]}}
+    if spacing:   # voxel sizes of the training cases: the bundle's preprocessing.spacing
+        preprocessing["spacing"] = spacing
     return {
         "format": "regionkd-checkpoint/1",
         "arch": cfg.arch,
@@ -512,9 +518,7 @@ def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, w
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "task": task,
-        "preprocessing": {"window": [float(v) for v in window], "input_size": [cfg.input_size, cfg.input_size],
-                          "orientation": "RAS", "slice_axis": "axial",
-                          "normalisation": {"type": "window-linear", "range": [-1, 1]}},
+        "preprocessing": preprocessing,
         "model_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "train_state": train_state,
         "provenance": {"teacher": teacher, "kd": list(cfg.kd) if distilled else [],
