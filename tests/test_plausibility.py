@@ -56,7 +56,7 @@ def implausible(kind, folder):
     if kind == "zeros":
         return save(path, np.zeros(SHAPE, np.int16), aff), r"constant or near-constant image \(every voxel 0\)"
     if kind == "binary":
-        return save(path, (hu > 0).astype(np.uint8), aff), r"constant or near-constant image \(all values within 0\.\.1\)"
+        return save(path, (hu > 0).astype(np.uint8), aff), r"constant or near-constant image \(every voxel within 0\.\.1\)"
     if kind == "uint8":
         return save(path, np.clip((hu + 1000) / 4, 0, 255).astype(np.uint8), aff), r"an 8-bit picture, not Hounsfield"
     if kind == "huge-constant":
@@ -208,3 +208,12 @@ def test_a_bundle_without_training_spacing_says_spacing_was_not_checked(tmp_path
         result = seg.segment(nib.Nifti1Image(hu, aff))
     assert result.warnings == ["the bundle does not record the spacing the model was trained at "
                                "(preprocessing.spacing): the voxel spacing is not checked"]
+
+
+def test_large_volumes_are_judged_on_a_sample_and_say_so(tiny_bundle):
+    from regionkd.sdk.plausibility import Findings, check_intensities
+
+    findings = Findings("big")
+    check_intensities(findings, np.zeros((128, 128, 64), np.float32))
+    assert findings.refusals == ["a constant or near-constant image (every one of 131,072 sampled voxels 0); "
+                                 "a CT spans hundreds of HU"]
