@@ -25,9 +25,11 @@ DONE_MARKER = ".done"
 # ----------------------------------------------------------------------------- data
 
 def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int], seed: int,
-                         layout: str | None = None, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0) -> Path:
+                         layout: str | None = None, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0,
+                         images_only: bool = False) -> Path:
     """A phantom dataset written by `regionkd-train phantoms` (called in-process), reused when a
-    previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time."""
+    previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time.
+    `images_only`: a plain folder of CT images without labels (stand-in for unannotated scans)."""
     root = Path(root)
     layout = layout or ("kits19" if task == "kidney" else "lits")
     marker = root / DONE_MARKER
@@ -36,6 +38,8 @@ def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int]
         wanted["min_lesion_mm"] = float(min_lesion_mm)
     if lesion_contrast != 1.0:
         wanted["lesion_contrast"] = float(lesion_contrast)
+    if images_only:
+        wanted["images_only"] = True
     if marker.is_file():
         if json.loads(marker.read_text() or "{}") == wanted:
             return root
@@ -47,6 +51,8 @@ def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int]
     args = [str(root), "--task", task, "--layout", layout, "--cases", str(cases), "--seed", str(seed),
             "--shape", ",".join(str(int(v)) for v in shape), "--min-lesion-mm", str(float(min_lesion_mm)),
             "--lesion-contrast", str(float(lesion_contrast)), "--overwrite", "--quiet"]
+    if images_only:
+        args.append("--images-only")
     phantoms.main(args=args, standalone_mode=False)
     atomic_write_text(marker, json.dumps(wanted))
     return root

@@ -39,7 +39,7 @@ def bundle_directory(final, overwrite: bool = False) -> Iterator[Path]:
         raise BundleError(f"{final} exists and is not a directory")
     if final.exists() and not overwrite:
         raise FileExistsError(f"bundle directory {final} already exists (pass --overwrite to replace it)")
-    with atomic_directory(final, overwrite=overwrite) as tmp:
+    with atomic_directory(final, overwrite=overwrite, clean_stale=True) as tmp:   # a killed export's leftovers go
         yield tmp
 
 

@@ -105,15 +105,17 @@ def atomic_write_text(final: str | os.PathLike, text: str, mode: int = 0o666) ->
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False, clean_stale: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `final`; move it into place when the block succeeds.
     An existing `final` is replaced only with `overwrite=True` (and only after success).
-    Stale temporary siblings of `final` from interrupted earlier runs are cleaned up first."""
+    `clean_stale`: first remove the temporaries an interrupted earlier write of `final` left (one
+    listing of the parent folder: for writers of one big directory, e.g. a bundle, not of many)."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
     _make_parent(final)
-    remove_stale_temps(final.parent, only_for=final.name)
+    if clean_stale:
+        remove_stale_temps(final.parent, only_for=final.name)
     tmp = _temp_name(final, TEMP_MARKER, "")
     try:
         os.mkdir(tmp, 0o777)

@@ -121,9 +121,12 @@ def test_a_killed_directory_write_is_cleaned_by_the_next_one(tmp_path):
     """, tmp_path)
     (left,) = list(tmp_path.iterdir())
     assert is_temp_name(left.name) and left.is_dir()
-    with atomic_directory(tmp_path / "x.bundle") as tmp:
+    with atomic_directory(tmp_path / "other") as tmp:            # writers of many directories do not scan
+        (tmp / "x").write_bytes(b"1")
+    assert left.exists()
+    with atomic_directory(tmp_path / "x.bundle", clean_stale=True) as tmp:
         (tmp / "model.onnx").write_bytes(b"1")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "x.bundle"]
 
 
 def test_an_interrupted_replacement_gives_the_old_directory_back(tmp_path):

@@ -48,28 +48,37 @@ def test_bootstrap_interval_brackets_the_mean():
     assert C.bootstrap_ci([0.3]) == (None, None)
 
 
-def _row(arch, role, kd, seed, tumour, liver=0.9, cases=None):
-    cases = cases or {"a": {"liver": liver, "tumour": tumour}}
-    return {"task": "liver", "arch": arch, "role": role, "kd": kd, "seed": seed,
-            "dice": {"liver": liver, "tumour": tumour}, "dice_per_case": cases,
+def _row(arch, role, arm, seed, cases):
+    per = {cid: {"liver": 0.9, "tumour": t} for cid, t in cases.items()}
+    mean = sum(cases.values()) / len(cases)
+    return {"task": "liver", "arch": arch, "role": role, "arm": arm, "seed": seed, "line": "paper",
+            "dice": {"liver": 0.9, "tumour": mean}, "dice_per_case": per,
             "loss_final": {"seg": 0.2, "pmd": None, "imd": None, "rad": None}}
 
 
-def test_analysis_improvement_gap_closed_and_spread_by_hand():
-    rows = [_row("raunet", "teacher", "none", 0, 0.8),
-            _row("enet", "student", "none", 0, 0.5), _row("enet", "student", "none", 1, 0.6),
-            _row("enet", "student", "pmd", 0, 0.65), _row("enet", "student", "pmd", 1, 0.75)]
+def test_analysis_paired_difference_gap_closed_and_spread_by_hand():
+    cases = ("a", "b", "c")
+    rows = [_row("unet", "teacher", "teacher", 0, dict(zip(cases, (0.8, 0.8, 0.8)))),
+            _row("enet", "student", "alone", 0, dict(zip(cases, (0.5, 0.5, 0.6)))),
+            _row("enet", "student", "alone", 1, dict(zip(cases, (0.6, 0.6, 0.5)))),
+            _row("enet", "student", "pmd", 0, dict(zip(cases, (0.65, 0.7, 0.6)))),
+            _row("enet", "student", "pmd", 1, dict(zip(cases, (0.75, 0.7, 0.8))))]
     an = kd_ablation.analyse(rows)
-    pmd = next(e for e in an["stats"] if e["setting"] == "pmd")
+    pmd = next(e for e in an["stats"] if e["arm"] == "pmd")
+    alone = next(e for e in an["stats"] if e["arm"] == "alone")
     assert pmd["dice"]["tumour"]["mean"] == pytest.approx(0.7)
-    assert pmd["rel_improvement"]["tumour"] == pytest.approx(0.15 / 0.55)     # (0.70 - 0.55) / 0.55
+    # seed means per case: alone 0.55 each; pmd 0.70, 0.70, 0.70 -> difference 0.15 on every case
+    assert pmd["vs_baseline"]["tumour"]["mean"] == pytest.approx(0.15)
+    assert pmd["vs_baseline"]["tumour"]["ci"] == pytest.approx([0.15, 0.15])
     assert pmd["gap_closed"]["tumour"] == pytest.approx(0.15 / 0.25)          # / (0.80 - 0.55)
-    none = next(e for e in an["stats"] if e["setting"] == "none")
-    assert none["teacher_gap"]["tumour"] == pytest.approx(0.25)
-    # both settings: SD over 2 seeds = sqrt(0.005); pooled the same; SD of a 2-seed mean difference = that * 1
-    assert an["seed_spread"] == pytest.approx(math.sqrt(0.005))
-    assert an["se_diff"] == pytest.approx(math.sqrt(0.005))
-    assert an["detectable_0.02"] is False                                     # 0.02 < 2 * 0.0707
+    assert alone["teacher_lead"]["tumour"]["mean"] == pytest.approx(0.25)
+    # per-seed means: alone (0.5333, 0.5667), pmd (0.65, 0.75): pooled SD over the two arms
+    expected = math.sqrt(((0.5333333 - 0.55) ** 2 * 2 + 0.05 ** 2 * 2) / 2)
+    assert an["seed_spread"] == pytest.approx(expected, rel=1e-4)
+    assert an["winners"] == [("liver", "enet", "pmd")]
+    worse = [dict(r, dice_per_case={c: {"liver": 0.9, "tumour": v["tumour"] - 0.2} for c, v in r["dice_per_case"].items()})
+             if r["arm"] == "pmd" else r for r in rows]
+    assert kd_ablation.analyse(worse)["winners"] == []
 
 
 def test_deploy_derived_numbers_by_hand():
@@ -92,6 +101,10 @@ def test_deploy_derived_numbers_by_hand():
 
 # ----------------------------------------------------------------------------- kd_ablation smoke
 
+SMOKE_RUNS = sorted([("tinynet", arm, s) for arm in ("alone", "paper", "pmd") for s in (0, 1)]
+                    + [("tinynet", "alone-L3", 0), ("tinynet", "ul-L3", 0)])
+
+
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     base = tmp_path_factory.mktemp("kd")
@@ -105,50 +118,56 @@ def test_kd_ablation_smoke_rows_follow_the_schema(ablation):
     rows = json.loads((results / "kd_ablation-smoke.json").read_text())
     assert (results / "kd_ablation-smoke.png").read_bytes()[:8] == PNG_MAGIC
     md = (results / "kd_ablation-smoke.md").read_text()
-    assert "| tinynet | pmd+imd+rad |" in md and "Seed-to-seed spread" in md and "--preset smoke" in md
+    assert "| tinynet | ul-L3 | 3 labelled + unlabelled |" in md and "Seed-to-seed spread" in md
+    assert "--preset smoke" in md and "## Verdict" in md
     teachers = [r for r in rows if r["role"] == "teacher"]
-    assert [(r["task"], r["arch"], r["kd"]) for r in teachers] == [("liver", "raunet", "none")]
+    assert [(r["task"], r["arch"]) for r in teachers] == [("liver", "tinynet")]
     students = [r for r in rows if r["role"] == "student"]
-    assert sorted((r["arch"], r["kd"], r["seed"]) for r in students) == sorted(
-        ("tinynet", kd, s) for kd in ("none", "pmd", "pmd+imd", "pmd+imd+rad") for s in (0, 1))
+    assert sorted((r["arch"], r["arm"], r["seed"]) for r in students) == SMOKE_RUNS
+    test_ids = {p.name for p in (work / "liver" / "test").glob("volume-*.nii")}
     for r in rows:
-        assert {"task", "arch", "role", "kd", "seed", "dice"} <= set(r)
-        assert set(r["dice"]) == {"liver", "tumour"}                     # class names as in the manifest
+        assert {"task", "arch", "role", "arm", "seed", "dice", "learning_curve", "test_cases"} <= set(r)
+        assert r["test_cases"] == 2 == len(test_ids)           # scored on the held-out test phantoms
+        assert set(r["dice"]) == {"liver", "tumour"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in r["dice"].values())
-        # the per-case mean is the mean of the per-case values (cases with an empty reference left out)
+        assert r["learning_curve"] and all("val_dice" in p for p in r["learning_curve"])
+        ev = json.loads((work / (r["checkpoint"][:-3] + ".test.json")).read_text())
+        assert all(per["hd95"] is not None for case in ev["cases"].values() for per in case.values()
+                   if per["pred_voxels"] and per["ref_voxels"])      # the smoke preset asks for hd95 too
         for c in ("liver", "tumour"):
-            vals = [per[c] for per in r["dice_per_case"].values() if per[c] is not None]
-            ev = json.loads((work / (r["checkpoint"][:-3] + ".eval.json")).read_text())
             kept = [cid for cid in r["dice_per_case"] if ev["cases"][cid][c]["ref_voxels"] > 0]
             if kept:
                 assert r["dice"][c] == pytest.approx(np.mean([r["dice_per_case"][k][c] for k in kept]))
-            # cases without the class in the reference are None, so paired intervals use the same cases
             assert [cid for cid in r["dice_per_case"] if r["dice_per_case"][cid][c] is not None] == kept
-            assert len(vals) == len(kept)
-        # each loss term is logged exactly when that term is trained
-        terms = set(r["kd"].split("+")) if r["kd"] != "none" else set()
-        for t in ("pmd", "imd", "rad"):
-            assert (r["loss_final"][t] is not None) == (t in terms), (r["kd"], t)
-        assert r["loss_final"]["seg"] > 0
+        if r["role"] == "student":
+            terms = set(r["setting"]["kd"].split("+")) - {"none"}
+            for t in ("pmd", "imd", "rad"):
+                assert (r["loss_final"][t] is not None) == (t in terms), (r["arm"], t)
+            assert (r["setting"]["unlabelled"], r["setting"]["labelled"]) == (
+                (True, 3) if r["arm"] == "ul-L3" else (False, 3) if r["arm"] == "alone-L3" else (False, None))
+            assert (r["teacher_cache"] is not None) == (terms != set())
+    # every distilled run used the one teacher cache of the task
+    dirs = {r["teacher_cache"]["dir"] for r in students if r["teacher_cache"]}
+    assert len(dirs) == 1 and Path(next(iter(dirs))).parent == work / "liver" / "teacher-cache"
 
 
 def test_kd_ablation_dice_matches_a_hand_computed_dice(ablation):
-    """Re-segment one validation case with the student and compute Dice with numpy."""
+    """Re-segment one test case with a student through the SDK's Segmenter and compute Dice with numpy."""
     import nibabel as nib
 
     from regionkd.train.checkpoint import load_model
     from regionkd.train.data import open_dataset
-    from regionkd.train.evaluate import predict_volume
+    from regionkd.train.evaluate import segment_case
+    from regionkd.train.torch_backend import checkpoint_segmenter
 
     work, results = ablation
     row = next(r for r in json.loads((results / "kd_ablation-smoke.json").read_text())
-               if r["kd"] == "pmd" and r["seed"] == 1)
+               if r["arm"] == "pmd" and r["seed"] == 1)
     model, ck = load_model(work / row["checkpoint"])
-    ds = open_dataset(work / "liver" / "data")
+    ds = open_dataset(work / "liver" / "test")
     cid = next(iter(row["dice_per_case"]))
     case = ds.load_case(cid)
-    pred = case.volume.to_original(predict_volume(model, case.volume, ck["preprocessing"]["window"],
-                                                  tuple(ck["preprocessing"]["input_size"])))
+    pred = segment_case(checkpoint_segmenter(model, ck), case.volume)
     ref = np.asarray(nib.load(case.label_path).dataobj).astype(np.uint8)
     assert pred.shape == ref.shape
     for lab, name in ((1, "liver"), (2, "tumour")):
@@ -157,6 +176,12 @@ def test_kd_ablation_dice_matches_a_hand_computed_dice(ablation):
             assert row["dice_per_case"][cid][name] is None
             continue
         assert row["dice_per_case"][cid][name] == pytest.approx(2.0 * (p & g).sum() / (p.sum() + g.sum()))
+
+
+def test_kd_ablation_unlabelled_images_carry_no_labels(ablation):
+    work, _ = ablation
+    files = sorted(p.name for p in (work / "liver" / "unlabelled").iterdir() if not p.name.startswith("."))
+    assert files == ["ct-0000.nii.gz", "ct-0001.nii.gz"]
 
 
 def test_kd_ablation_resumes_without_retraining(ablation):
@@ -170,19 +195,19 @@ def test_kd_ablation_resumes_without_retraining(ablation):
     assert [r["dice"] for r in rows_after] == [r["dice"] for r in rows_before]
 
 
-def test_kd_ablation_sweep_records_weights(ablation):
-    work, results = ablation
-    assert run(kd_ablation.main, ["--preset", "smoke", "--sweep", "--work", work, "--results", results, "--quiet"]) == 0
-    rows = json.loads((results / "kd_ablation-smoke-sweep.json").read_text())
-    students = [r for r in rows if r["role"] == "student"]
-    assert {r["setting"] for r in students} == {"none", "paper", "imd0.1"}
-    paper = next(r for r in students if r["setting"] == "paper")
-    small = next(r for r in students if r["setting"] == "imd0.1")
-    assert (paper["alpha"], paper["beta1"], paper["beta2"], paper["temperature"]) == (0.1, 0.9, 0.9, 4.0)
-    assert small["beta1"] == 0.1 and small["kd"] == "pmd+imd+rad"
-    md = (results / "kd_ablation-smoke-sweep.md").read_text()
-    assert "best setting" in md and "0.1/0.1/0.9, T=4" in md
-    assert (results / "kd_ablation-smoke-sweep.png").read_bytes()[:8] == PNG_MAGIC
+def test_kd_ablation_narrowing_and_unknown_arms(ablation, tmp_path):
+    from regionkd.sdk.errors import InputError
+
+    work, _ = ablation
+    p = kd_ablation._narrow(kd_ablation.PRESETS["cpu"], "kidney", "enet", "alone,ul-all", "4,5")
+    assert p.tasks == ("kidney",) and p.plan == (("enet", "alone", (4, 5)), ("enet", "ul-all", (4, 5)))
+    with pytest.raises(InputError, match="unknown"):
+        kd_ablation._narrow(kd_ablation.PRESETS["cpu"], None, None, "bogus", None)
+    out = tmp_path / "r"
+    assert run(kd_ablation.main, ["--preset", "smoke", "--arms", "alone", "--seeds", "0", "--work", work,
+                                  "--results", out, "--quiet"]) == 0
+    rows = json.loads((out / "kd_ablation-smoke.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in rows] == [("teacher", 0), ("alone", 0)]
 
 
 def test_paper_preset_without_gpu_says_so_and_skips(tmp_path, capsys):
@@ -254,7 +279,7 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
 def test_scripts_have_help():
     from click.testing import CliRunner
 
-    for command, word in ((kd_ablation.main, "--sweep"), (deploy.main, "--bundle")):
+    for command, word in ((kd_ablation.main, "--arms"), (deploy.main, "--bundle")):
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0 and word in result.output and "--quiet" in result.output
 
@@ -272,9 +297,8 @@ def test_phantom_dataset_is_reused_and_a_different_one_refused(ablation):
 
 
 @pytest.mark.parametrize("command, args, message", [
-    (kd_ablation.main, ["--settings", "paper"], "add --sweep"),
-    (kd_ablation.main, ["--sweep", "--settings", "paper,bogus"], "bogus: unknown"),
-    (kd_ablation.main, ["--teacher", "bogus"], "unknown network"),
+    (kd_ablation.main, ["--arms", "paper,bogus"], "bogus: unknown"),
+    (kd_ablation.main, ["--students", "bogus"], "unknown network"),
     (deploy.main, ["--also-student", "bogus"], "unknown network"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, command, args, message):

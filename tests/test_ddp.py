@@ -14,7 +14,8 @@ import pytest
 from _training_fixtures import write_phantom_lits
 from regionkd.train.checkpoint import load_model, log_path_for
 from regionkd.train.config import make_config
-from regionkd.train.trainer import epoch_batches, params_sha256, train
+from regionkd.train.sampling import epoch_batches
+from regionkd.train.trainer import params_sha256, train
 
 TINY = dict(preset="demo", input_size=64, batch_size=2, log_every=1, quiet=True)
 
@@ -61,7 +62,7 @@ def test_two_gloo_processes_stay_in_sync(data, tmp_path):
 
 
 class FakeCfg:
-    seed, lesion_fraction, batch_size = 5, 0.5, 3
+    seed, lesion_fraction, batch_size, unlabelled_batch = 5, 0.5, 3, None
 
 
 def test_ranks_split_one_epoch_order_between_them(data, tmp_path):
@@ -79,9 +80,9 @@ def test_ranks_split_one_epoch_order_between_them(data, tmp_path):
     assert len(r0) == len(r1) == 4 and all(len(b) == 3 for b in r0 + r1)
     flat0 = [item for b in r0 for item in b]
     flat1 = [item for b in r1 for item in b]
-    seeds0, seeds1 = {s for _, s in flat0}, {s for _, s in flat1}
+    seeds0, seeds1 = {s for _, _, s in flat0}, {s for _, _, s in flat1}
     assert not seeds0 & seeds1                        # different slices/augmentations per rank
     assert epoch_batches(sds, 0, FakeCfg, 4, rank=0, world=2) == r0        # same order on every call
     assert epoch_batches(sds, 1, FakeCfg, 4, rank=0, world=2) != r0        # a new order per epoch
-    assert all(0 <= i < len(sds) for i, _ in flat0 + flat1)
-    assert np.unique([s for _, s in flat0 + flat1]).size == 24
+    assert all(src == 0 and 0 <= i < len(sds) for src, i, _ in flat0 + flat1)
+    assert np.unique([s for _, _, s in flat0 + flat1]).size == 24

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regionkd.train.losses import imd_loss, pmd_loss, rad_loss, segmentation_loss
+from regionkd.train.losses import imd_loss, pmd_loss, rad_loss, segmentation_loss, soft_dice_loss
 
 torch.set_num_threads(1)
 
@@ -131,8 +131,9 @@ def test_segmentation_loss_hand_value():
     # soft Dice, smooth 1: class 0 probs (.5,.75) vs (1,1); class 1 probs (.5,.25) vs (0,0)
     dice0 = (2 * 1.25 + 1) / (1.25 + 2 + 1)
     dice1 = (0 + 1) / (0.75 + 0 + 1)
-    expected = focal + ((1 - dice0) + (1 - dice1)) / 2
-    assert segmentation_loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
+    assert segmentation_loss(logits, target).item() == pytest.approx(focal + (1 - dice1), rel=1e-5)  # foreground only
+    assert soft_dice_loss(logits, target, include_background=True).item() == pytest.approx(
+        ((1 - dice0) + (1 - dice1)) / 2, rel=1e-5)
 
 
 def test_segmentation_loss_rejects_bad_target():

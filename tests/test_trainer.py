@@ -10,7 +10,8 @@ from regionkd.sdk.errors import InputError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
 from regionkd.train.config import make_config
-from regionkd.train.trainer import DistillLoss, load_teacher, train
+from regionkd.train.distill_loss import DistillLoss, teacher_targets
+from regionkd.train.trainer import load_teacher, train
 
 TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
             quiet=True)   # 3 steps per epoch
@@ -95,7 +96,7 @@ def test_teacher_is_frozen_and_gets_no_gradient(teacher_ckpt, data):
     x = torch.randn(2, 1, 64, 64)
     y = torch.randint(0, 3, (2, 64, 64))
     logits, feats = student.forward_features(x)
-    terms = DistillLoss(cfg, 3, teacher)(x, y, logits, feats)
+    terms = DistillLoss(cfg, 3, distill=True)(logits, feats, y, teacher_targets(teacher, x, y, 3))
     terms["total"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
@@ -116,7 +117,7 @@ def test_resume_mid_epoch_gives_the_same_weights(teacher_ckpt, data, cache, tmp_
     opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache)   # 6 steps, 2 epochs
     whole = train(make_config("distill", "tinynet", data, tmp_path / "whole.pt", **opts))
     part = tmp_path / "part.pt"
-    first = train(make_config("distill", "tinynet", data, part, max_steps=4, **opts))   # stops inside epoch 2
+    first = train(make_config("distill", "tinynet", data, part, pause_after=4, **opts))   # stops inside epoch 2
     assert first["steps"] == 4 and load_checkpoint(part)["train_state"]["step_in_epoch"] == 1
     rest = train(make_config("distill", "tinynet", data, part, resume=True, **opts))
     assert rest["steps"] == 6 and whole["steps"] == 6

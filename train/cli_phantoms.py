@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from regionkd.sdk.atomic import atomic_directory
 
-from .data.layouts import LAYOUTS, write_case, write_dataset_json
+from .data.layouts import LAYOUTS, write_case, write_dataset_json, write_image
 from .data.phantoms import DEFAULT_SHAPE, generate_phantom
 from .data.tasks import TASKS
 
@@ -43,9 +43,12 @@ def _parse_shape(ctx, param, value):
 @click.option("--lesion-contrast", type=click.FloatRange(0.1, 10), default=1.0, show_default=True,
               help="Multiply each liver lesion's HU difference to the liver (10-40 HU as drawn). Same lesions, only "
                    "more or less conspicuous; kidney masses ignore it.")
+@click.option("--images-only", is_flag=True,
+              help="Write only the CT images, as a plain folder of NIfTI files (ct-NNNN.nii.gz, the layout's voxel "
+                   "order), without labels: a stand-in for unannotated scans (regionkd-train distill --unlabelled).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, lesion_contrast, overwrite, quiet):
+def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, lesion_contrast, images_only, overwrite, quiet):
     """Write OUT: synthetic abdominal CT phantoms with labels, in a public dataset's layout.
 
     Anatomy in HU (fat, muscle, liver, spleen, kidneys, stomach, bowel, heart, lungs, spine),
@@ -61,10 +64,14 @@ def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, lesion_contra
         for i in tqdm(range(cases), desc=f"phantoms ({task}, {layout})", unit="case", disable=quiet):
             p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm,
                                  lesion_contrast=lesion_contrast)
-            ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
+            if images_only:
+                ids.append(write_image(tmp / f"ct-{i:04d}.nii.gz", layout, p.hu, p.affine))
+            else:
+                ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
             tumours += len(p.info["tumours"])
-        if layout == "msd":
+        if layout == "msd" and not images_only:
             write_dataset_json(tmp, task, ids, description=f"regionkd phantoms, seed {seed}, shape {shape}")
     if not quiet:
-        click.echo(f"wrote {cases} {task} phantom case(s), {tumours} tumour(s), {layout} layout, to {out}")
+        what = "image(s) without labels" if images_only else f"case(s), {layout} layout"
+        click.echo(f"wrote {cases} {task} phantom {what} ({tumours} tumour(s)) to {out}")
     return 0

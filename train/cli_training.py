@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import FEATURE_LEVELS, KD_TERMS, PRESETS
+from .config import FEATURE_LEVELS, KD_TERMS, PMD_BALANCES, PRESETS
 
 PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                                  ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))
@@ -23,7 +23,8 @@ def shared_training_options(fn):
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
                      help=f"Starting values for the options below ({PRESET_HELP})."),
         click.option("--epochs", type=int, help="Epochs (an epoch: samples_per_epoch slices, lesion-oversampled)."),
-        click.option("--max-steps", type=int, help="Hard cap on optimiser steps (the lr schedule is unchanged)."),
+        click.option("--max-steps", type=int, help="Train at most this many optimiser steps; the cosine lr "
+                                                   "schedule spans the steps actually trained."),
         click.option("--batch-size", type=int, help="Slices per step (per process under torchrun)."),
         click.option("--input-size", type=int, help="Square network input size in pixels (multiple of 32)."),
         click.option("--lr", type=float, help="Adam learning rate (cosine decay to 0 over all epochs)."),
@@ -47,12 +48,13 @@ def _run(mode: str, arch: str, opts: dict, **extra) -> None:
     from .trainer import train
 
     quiet = opts["quiet"]
-    cfg = make_config(
-        mode, arch, opts["data"], opts["out"], preset=opts["preset"], epochs=opts["epochs"],
-        max_steps=opts["max_steps"], batch_size=opts["batch_size"], input_size=opts["input_size"], lr=opts["lr"],
-        samples_per_epoch=opts["samples_per_epoch"], seed=opts["seed"], device=opts["device"],
-        workers=opts["workers"], amp=not opts["no_amp"], resume=opts["resume"],
-        cache_dir=str(opts["cache_dir"]) if opts["cache_dir"] else None, quiet=quiet, **extra)
+    given = dict(epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
+                 input_size=opts["input_size"], lr=opts["lr"], samples_per_epoch=opts["samples_per_epoch"],
+                 cache_dir=str(opts["cache_dir"]) if opts["cache_dir"] else None, **extra)
+    cfg = make_config(   # an option the user left out keeps the preset's value
+        mode, arch, opts["data"], opts["out"], preset=opts["preset"], seed=opts["seed"], device=opts["device"],
+        workers=opts["workers"], amp=not opts["no_amp"], resume=opts["resume"], quiet=quiet,
+        **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg)
     if not quiet and summary.get("rank", 0) == 0:
         dice = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in summary["val_dice"].items())
@@ -72,9 +74,11 @@ def teacher(arch, **opts):
 @click.command()
 @shared_training_options
 @click.option("--arch", required=True, help="Student network (registry name: enet, mobilenetv2, resnet18, espnet, ...).")
-def student(arch, **opts):
+@click.option("--labelled-cases", type=click.IntRange(1),
+              help="Use only this many of the training split's cases (the same fixed subset as distill's).")
+def student(arch, labelled_cases, **opts):
     """Train a student without distillation (the baseline)."""
-    _run("student", arch, opts)
+    _run("student", arch, opts, labelled_cases=labelled_cases)
 
 
 @click.command()
@@ -90,11 +94,31 @@ def student(arch, **opts):
 @click.option("--beta1", type=float, default=0.9, show_default=True, help="Weight of IMD.")
 @click.option("--beta2", type=float, default=0.9, show_default=True, help="Weight of RAD.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="PMD softmax temperature.")
-def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, **opts):
+@click.option("--pmd-balance", type=click.Choice(PMD_BALANCES), default="pixels", show_default=True,
+              help="pixels: PMD is the mean over all pixels (the paper); classes: the mean within each class the "
+                   "teacher predicts, then over classes, so that small lesions weigh as much as background.")
+@click.option("--unlabelled", type=click.Path(file_okay=False, path_type=Path),
+              help="CT images without labels (a LiTS, KiTS19 or MSD folder, or any folder of NIfTI files; labels are "
+                   "never read): each step adds slices of them on which only the distillation terms apply "
+                   "(RAD takes its regions from the teacher's prediction there).")
+@click.option("--unlabelled-batch", type=click.IntRange(1), help="Unlabelled slices per step (default: --batch-size).")
+@click.option("--no-augment-unlabelled", is_flag=True, help="Feed the unlabelled slices without flips, rotations and jitter.")
+@click.option("--labelled-cases", type=click.IntRange(1),
+              help="Use only this many of the training split's labelled cases (a fixed subset, the same for every "
+                   "seed): the setting of a few annotated scans and many unannotated ones.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Store the teacher's outputs for this run's batches here, and read them back in later runs with "
+                   "the same teacher, data, seed and batch plan (any student, KD terms or weights): a distillation "
+                   "step then costs about what a plain student step costs.")
+def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, pmd_balance, unlabelled,
+            unlabelled_batch, no_augment_unlabelled, labelled_cases, teacher_cache, **opts):
     """Train a student with region-aware distillation from a frozen teacher:
     L = L_seg + alpha*PMD + beta1*IMD + beta2*RAD."""
     _run("distill", arch, opts, teacher=str(teacher_ckpt), kd=kd, kd_levels=kd_levels, alpha=alpha, beta1=beta1,
-         beta2=beta2, temperature=temperature)
+         beta2=beta2, temperature=temperature, pmd_balance=pmd_balance,
+         unlabelled=str(unlabelled) if unlabelled else None, unlabelled_batch=unlabelled_batch,
+         augment_unlabelled=not no_augment_unlabelled, labelled_cases=labelled_cases,
+         teacher_cache=str(teacher_cache) if teacher_cache else None)
 
 
 @click.command()

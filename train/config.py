@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from regionkd.sdk.errors import InputError
 
 KD_TERMS = ("pmd", "imd", "rad")
+PMD_BALANCES = ("pixels", "classes")
 FEATURE_LEVELS = ("low", "high")
 MODES = ("teacher", "student", "distill")
+# options where None is a value of its own (no limit / none), not "unset"
+NONE_MEANS_DEFAULT = frozenset({"max_steps", "pause_after", "samples_per_epoch", "val_max_slices", "teacher",
+                                "cache_dir", "teacher_cache", "unlabelled", "unlabelled_batch", "labelled_cases"})
 
 PRESETS: dict[str, dict] = {
     "paper": dict(input_size=384, batch_size=16, epochs=30, lr=1e-2, samples_per_epoch=None,
@@ -31,8 +35,9 @@ PRESET_MODE_OVERRIDES: dict[tuple[str, str], dict] = {
 
 # options whose change would make a resumed run a different run
 RESUME_IDENTITY = ("mode", "arch", "input_size", "batch_size", "lr", "seed", "kd", "kd_levels", "alpha",
-                   "beta1", "beta2", "temperature", "epochs", "samples_per_epoch", "lesion_fraction",
-                   "val_fraction", "split_seed", "teacher")
+                   "beta1", "beta2", "temperature", "epochs", "max_steps", "samples_per_epoch", "lesion_fraction",
+                   "val_fraction", "split_seed", "teacher", "pmd_balance", "unlabelled", "unlabelled_batch",
+                   "augment_unlabelled", "labelled_cases", "augment")
 
 
 @dataclass
@@ -48,9 +53,17 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.9
     temperature: float = 4.0
+    pmd_balance: str = "pixels"    # "pixels": PMD is the mean over all pixels (the paper); "classes": per class
+    teacher_cache: str | None = None  # directory of the teacher cache (distill only), shared between runs
+    unlabelled: str | None = None  # folder of CT images without labels: distillation terms only (distill only)
+    unlabelled_batch: int | None = None  # unlabelled slices per step (default: batch_size)
+    augment_unlabelled: bool = True
+    labelled_cases: int | None = None  # train on only this many of the training split's cases (a fixed subset)
     preset: str = "paper"
     epochs: int = 30
-    max_steps: int | None = None   # hard cap on optimiser steps; does not change the lr schedule
+    max_steps: int | None = None   # train this many optimiser steps at most; the cosine schedule spans them
+    pause_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted: the
+                                    # schedule is unchanged and --resume continues the same run
     batch_size: int = 16           # per process under torchrun
     input_size: int = 384
     lr: float = 1e-2
@@ -83,13 +96,23 @@ class TrainConfig:
             raise InputError("distill needs --teacher CKPT")
         if self.mode == "distill" and not self.kd:
             raise InputError("distill needs at least one --kd term (use `student` for no distillation)")
+        if self.pmd_balance not in PMD_BALANCES:
+            raise InputError(f"--pmd-balance must be one of {', '.join(PMD_BALANCES)}, got {self.pmd_balance!r}")
+        if self.mode != "distill":
+            given = [f"--{n.replace('_', '-')}" for n in ("teacher_cache", "unlabelled") if getattr(self, n)]
+            if given:
+                raise InputError(f"{' and '.join(given)} only apply to distillation (regionkd-train distill)")
+        for name in ("unlabelled_batch", "labelled_cases"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "input_size", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.input_size % 32:
             raise InputError(f"--input-size must be a multiple of 32 (the networks downsample 32x), got {self.input_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InputError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "pause_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise InputError(f"--lr must be > 0, got {self.lr}")
         return self
@@ -101,12 +124,17 @@ class TrainConfig:
 
 
 def make_config(mode: str, arch: str, data, out, preset: str = "paper", **options) -> TrainConfig:
-    """Start from `preset`, then apply every option that is not None."""
+    """Start from `preset`, then apply every option given, None included (None is "no limit" for
+    max_steps, samples_per_epoch and val_max_slices). A command line drops the options the user
+    did not set before calling this (`cli_training`)."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     values.update(PRESET_MODE_OVERRIDES.get((preset, mode), {}))
-    values.update({k: v for k, v in options.items() if v is not None})
+    values.update(options)
+    required = sorted(k for k, v in values.items() if v is None and k not in NONE_MEANS_DEFAULT)
+    if required:
+        raise InputError(f"training options {required} cannot be None")
     for key in ("kd", "kd_levels"):
         if key in values and isinstance(values[key], str):
             values[key] = tuple(t.strip() for t in values[key].split(",") if t.strip())

@@ -1,9 +1,10 @@
 """Evaluate a checkpoint on CT volumes the way the runtime will use it.
 
-Each volume is segmented slice by slice with the SDK's own preprocessing
-(`preprocess_slices` / `logits_to_labels`), reassembled in 3D, put back in the file's own voxel
-order (`CanonicalVolume.to_original`) and compared with the label volume in that same order and
-spacing by `regionkd.train.metrics.case_metrics` (Dice, VOE, RVD, ASSD, HD95 in mm).
+Each volume is segmented by the SDK's own `Segmenter` with the network behind a PyTorch backend
+(`torch_backend.py`): the same pre-processing, resize back, argmax and largest-component step as
+an exported bundle, the mask in the file's own voxel order. It is compared with the label volume
+in that same order and spacing by `regionkd.train.metrics.case_metrics` (Dice, VOE, RVD, ASSD,
+HD95 in mm).
 LiTS convention: a case whose reference is empty for a class is left out of that class's mean
 (and listed under `excluded`).
 """
@@ -14,33 +15,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from regionkd.sdk.errors import InputError
 from regionkd.sdk.orientation import CanonicalVolume
-from regionkd.sdk.preprocess import logits_to_labels, preprocess_slices, slices_to_volume, volume_to_slices
 
 from .checkpoint import CheckpointError, load_model
 
 METRICS = ("dice", "voe", "rvd", "assd", "hd95")
 
 
-@torch.no_grad()
-def predict_volume(model, volume: CanonicalVolume, window, input_size, device="cpu", batch_size: int = 8) -> np.ndarray:
-    """Label volume (x, y, z) uint8 in canonical order for a canonical HU volume."""
-    slices = volume_to_slices(volume.data)                       # (z, x, y)
-    out = np.empty(slices.shape, dtype=np.uint8)
-    for start in range(0, slices.shape[0], batch_size):
-        chunk = preprocess_slices(slices[start:start + batch_size], window, input_size)
-        logits = model(torch.from_numpy(np.ascontiguousarray(chunk)).to(device)).float().cpu().numpy()
-        out[start:start + batch_size] = logits_to_labels(logits, slices.shape[1:])
-    return slices_to_volume(out)
+def segment_case(segmenter, volume: CanonicalVolume) -> np.ndarray:
+    """The mask (uint8, the file's own voxel order) the segmenter gives for a case's image."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(volume.to_original(volume.data), volume.original_affine)
+    return np.asarray(segmenter.segment(image).mask.dataobj)
 
 
 def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu", batch_size: int = 8,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, metrics=METRICS) -> dict:
     """Per-case and mean per-class metrics of a checkpoint on `data_root`'s validation cases
-    (the split the checkpoint was trained with), or on `case_ids`."""
+    (the split the checkpoint was trained with), or on `case_ids`. Leaving assd and hd95 out of
+    `metrics` skips the surface distances (reported as None)."""
     from tqdm import tqdm
 
     from .data import open_dataset
@@ -68,19 +64,20 @@ def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu"
     if not case_ids:
         raise InputError(f"--data {data_root}: no cases to evaluate")
 
+    from .torch_backend import checkpoint_segmenter
+
     class_names = list(ckpt["class_names"])
     labels = list(range(1, len(class_names)))
-    window = ckpt["preprocessing"]["window"]
-    input_size = tuple(int(v) for v in ckpt["preprocessing"]["input_size"])
+    segmenter = checkpoint_segmenter(model, ckpt, device, batch_size)
     t0 = time.perf_counter()
     cases: dict = {}
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
         case = ds.load_case(cid)
         canonical = case.volume
-        pred = canonical.to_original(predict_volume(model, canonical, window, input_size, device, batch_size))
+        pred = segment_case(segmenter, canonical)
         ref = canonical.to_original(np.asarray(case.label))
         spacing = canonical.original_spacing
-        per_label = case_metrics(pred, ref, spacing, labels)
+        per_label = case_metrics(pred, ref, spacing, labels, surface=bool({"assd", "hd95"} & set(metrics)))
         cases[cid] = {}
         for lab in labels:
             row = {m: _as_float(per_label[lab][m]) for m in METRICS}
@@ -97,6 +94,9 @@ def evaluate_checkpoint(ckpt_path, data_root, case_ids=None, device: str = "cpu"
             notes.append(f"{name}: {', '.join(excluded[name])} left out of the mean (reference empty for {name})")
         row = {}
         for m in METRICS:
+            if m not in metrics:
+                row[m] = None
+                continue
             vals = [cases[cid][name][m] for cid in kept]
             finite = [v for v in vals if v is not None and math.isfinite(v)]
             row[m] = float(np.mean(finite)) if finite else None

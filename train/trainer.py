@@ -1,13 +1,21 @@
 """One training loop for the teacher, the baseline student and the distilled student.
 
-    L = L_seg + alpha * PMD + beta1 * sum_levels IMD + beta2 * sum_levels RAD
+    L = L_seg + alpha * PMD + beta1 * sum_levels IMD + beta2 * sum_levels RAD   (distill_loss.py)
 
-The teacher of a distillation run is frozen, in eval mode, and runs without grad.
+The teacher of a distillation run is frozen, in eval mode, and runs without grad; with a
+teacher cache (`--teacher-cache`) its outputs for the run's batches are computed once per seed
+and read back by every later run (teacher_cache.py). With unlabelled images (`--unlabelled`)
+every step adds `unlabelled_batch` unlabelled slices, on which only the distillation terms
+apply. `labelled_cases` trains on a fixed subset of the labelled training cases (the few
+annotated scans of that setting).
+
+The learning rate follows a cosine from `lr` to 0 over the steps the run trains (`max_steps`, or
+all epochs). Validation Dice is measured after every epoch and logged: the run's learning curve.
 
 Repeatability: every slice's augmentation is seeded from (seed, epoch, position in the epoch)
-inside a private RNG scope, the epoch's slice order from (seed, epoch), and the global RNGs
-(dropout) are saved in the checkpoint. So a CPU run is repeatable, and a run resumed from a
-checkpoint (even one written mid-epoch by --max-steps) continues exactly where it stopped.
+inside a private RNG scope, the epoch's slice order from (seed, epoch) (sampling.py), and the
+global RNGs (dropout) are saved in the checkpoint. So a CPU run is repeatable, and a run resumed
+from a checkpoint (even one written mid-epoch by `pause_after`) continues exactly where it stopped.
 
 Multi-process: under `torchrun` (WORLD_SIZE > 1) the network is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on GPU); every rank draws the same epoch order and
@@ -19,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,140 +37,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from regionkd.sdk.bundle import sha256_file
 from regionkd.sdk.errors import InputError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for, save_checkpoint
 from .config import RESUME_IDENTITY, TrainConfig
+from .distill_loss import DistillLoss, reduce_terms, teacher_targets
+from .processes import Proc, derived_seed, resolve_device, rng_state, seed_everything, set_rng_state, setup_processes
+from .sampling import SeededItems, epoch_batches
 
+__all__ = ["train", "load_teacher", "validate", "params_sha256", "epoch_batches", "resolve_device"]
 
-# ----------------------------------------------------------------------------- processes / devices
-
-@dataclass
-class Proc:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
-def setup_processes(device_name: str) -> Proc:
-    """Join the torchrun process group when WORLD_SIZE > 1; otherwise one process."""
-    device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Proc(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Proc(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
-
-
-# ----------------------------------------------------------------------------- RNG state <-> plain types
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": [int(k) for k in np_state[1]], "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-class SeededItems(Dataset):
-    """Items addressed as (index, seed): the base dataset's augmentation runs with numpy, random
-    and torch seeded from `seed`, inside a scope that restores the caller's RNG states."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, seed = key
-        np_state, py_state = np.random.get_state(), random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                np.random.seed(seed)
-                random.seed(seed)
-                torch.manual_seed(seed)
-                return self.base[int(index)]
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-
-
-def epoch_batches(train_ds, epoch: int, cfg: TrainConfig, steps_per_epoch: int, rank: int = 0,
-                  world: int = 1) -> list[list[tuple[int, int]]]:
-    """This rank's batches of (slice index, augmentation seed) for one epoch. Every rank draws the
-    same global order (lesion oversampling seeded by (seed, epoch)) and keeps every world-th item."""
-    from .data.slices import lesion_oversampling_sampler
-
-    n_total = steps_per_epoch * cfg.batch_size * world
-    sampler = lesion_oversampling_sampler(train_ds, lesion_fraction=cfg.lesion_fraction, num_samples=n_total,
-                                          seed=derived_seed(cfg.seed, epoch, 1))
-    indices = [int(i) for i in sampler][:n_total]
-    if len(indices) < n_total:
-        raise RuntimeError(f"sampler gave {len(indices)} indices, expected {n_total}")
-    seeds = np.random.default_rng([cfg.seed, epoch, 2]).integers(0, 2**31 - 1, size=n_total)
-    mine = list(zip(indices, (int(s) for s in seeds)))[rank::world]
-    b = cfg.batch_size
-    return [mine[i * b:(i + 1) * b] for i in range(steps_per_epoch)]
-
-
-# ----------------------------------------------------------------------------- networks and losses
 
 class Forward(nn.Module):
     """What DDP wraps: `forward` returns (logits, features or None), so that distillation's
@@ -180,50 +65,10 @@ class Forward(nn.Module):
         return self.net(x), None
 
 
-class DistillLoss:
-    """L_seg + alpha*PMD + beta1*IMD + beta2*RAD, every term reported separately (None if unused)."""
-
-    def __init__(self, cfg: TrainConfig, num_classes: int, teacher: nn.Module | None,
-                 teacher_context=contextlib.nullcontext):
-        from . import losses
-
-        self.L, self.cfg, self.num_classes, self.teacher = losses, cfg, num_classes, teacher
-        self.kd = set(cfg.kd) if teacher is not None else set()
-        self.teacher_context = teacher_context   # autocast for the teacher's forward on CUDA
-
-    def __call__(self, images, target, s_logits, s_feats) -> dict:
-        L, cfg = self.L, self.cfg
-        terms = {"seg": L.segmentation_loss(s_logits.float(), target), "pmd": None, "imd": None, "rad": None}
-        total = terms["seg"]
-        if self.kd:
-            with torch.no_grad(), self.teacher_context():
-                t_logits, t_feats = self.teacher.forward_features(images)
-            if "pmd" in self.kd:
-                terms["pmd"] = L.pmd_loss(s_logits.float(), t_logits.float(), temperature=cfg.temperature)
-                total = total + cfg.alpha * terms["pmd"]
-            if "imd" in self.kd:
-                terms["imd"] = sum(L.imd_loss(s_feats[lv].float(), t_feats[lv].float()) for lv in cfg.kd_levels)
-                total = total + cfg.beta1 * terms["imd"]
-            if "rad" in self.kd:
-                onehot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).float()
-                terms["rad"] = sum(L.rad_loss(s_feats[lv].float(), t_feats[lv].float(), onehot)
-                                   for lv in cfg.kd_levels)
-                total = total + cfg.beta2 * terms["rad"]
-        terms["total"] = total
-        return terms
-
-
-LOSS_KEYS = ("seg", "pmd", "imd", "rad", "total")
-
-
-def reduce_terms(terms: dict, proc: Proc) -> dict:
-    """Loss terms as floats, averaged over processes."""
-    vals = torch.tensor([float(terms[k].detach()) if terms[k] is not None else float("nan") for k in LOSS_KEYS],
-                        dtype=torch.float64, device=proc.device if proc.device.type == "cuda" else "cpu")
-    if proc.world > 1:
-        dist.all_reduce(vals)
-        vals /= proc.world
-    return {k: (None if np.isnan(v) else round(float(v), 6)) for k, v in zip(LOSS_KEYS, vals.tolist())}
+def autocast(proc: Proc, cfg: TrainConfig):
+    if proc.device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -231,7 +76,8 @@ def reduce_terms(terms: dict, proc: Proc) -> dict:
 @torch.no_grad()
 def validate(net: nn.Module, val_ds, cfg: TrainConfig, class_names, proc: Proc) -> dict:
     """Dice per foreground class over the validation split's slices (global over the slices;
-    None when a class is absent from both prediction and reference)."""
+    None when a class is absent from both prediction and reference). `val_max_slices` (None: all)
+    takes that many slices evenly spread over the split."""
     n = len(val_ds)
     idx = np.arange(n)
     if cfg.val_max_slices and n > cfg.val_max_slices:
@@ -261,12 +107,6 @@ def validate(net: nn.Module, val_ds, cfg: TrainConfig, class_names, proc: Proc) 
     return out
 
 
-def autocast(proc: Proc, cfg: TrainConfig):
-    if proc.device.type == "cuda" and cfg.amp:
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------- log
 
 class JsonlLog:
@@ -286,7 +126,7 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- data and teacher
 
 def task_info(task_name: str):
     """(class_names, window) of a task (regionkd.train.data.tasks)."""
@@ -294,6 +134,72 @@ def task_info(task_name: str):
 
     task = get_task(task_name)
     return list(task.class_names), [float(v) for v in task.window]
+
+
+def labelled_subset(train_ids: list[str], n: int | None, seed: int) -> list[str]:
+    """`n` of the training cases, the same for every run seed (drawn with the split seed)."""
+    if n is None:
+        return list(train_ids)
+    if n > len(train_ids):
+        raise InputError(f"--labelled-cases {n}: the training split has only {len(train_ids)} case(s)")
+    order = np.random.default_rng([seed, 7]).permutation(len(train_ids))
+    return sorted(train_ids[i] for i in order[:n])
+
+
+@dataclass
+class RunData:
+    task: str
+    class_names: list
+    window: list
+    train_ids: list
+    train_ds: object
+    val_ds: object
+    slice_caches: list
+    unlabelled_ds: object = None
+    unlabelled_ids: list | None = None
+    spacing: dict | None = None     # voxel-size range of the training cases (the bundle's preprocessing.spacing)
+
+
+def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
+    """The slice caches (built by rank 0), the case split, and the datasets of a run."""
+    from .data import open_dataset
+    from .data.slices import SliceCache, SliceDataset, UnlabelledSliceDataset, split_cases
+
+    data_root = Path(cfg.data)
+    if not data_root.is_dir():
+        raise InputError(f"--data {data_root}: not a directory")
+    ds = open_dataset(data_root)
+    class_names, window = task_info(ds.task)
+    size = (cfg.input_size, cfg.input_size)
+    out = Path(cfg.out)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f"slice-cache-{cfg.input_size}"
+    u_dir = cache_dir.with_name(cache_dir.name + "-unlabelled")
+    if proc.is_main:
+        cache = SliceCache.build(data_root, cache_dir, window=None, input_size=size, progress=not cfg.quiet)
+        if cfg.unlabelled:
+            SliceCache.build_unlabelled(cfg.unlabelled, u_dir, ds.task, window=cache.window, input_size=size,
+                                        progress=not cfg.quiet)
+    proc.barrier()
+    cache = SliceCache.open(cache_dir)
+    window = [float(v) for v in cache.window]
+    train_ids, val_ids = split_cases(list(ds.case_ids), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if not train_ids:
+        raise InputError(f"--data {data_root}: no training cases after the validation split")
+    train_ids = labelled_subset(train_ids, cfg.labelled_cases, cfg.split_seed)
+    train_ds = SliceDataset(cache, train_ids, augment=cfg.augment)
+    val_ds = SliceDataset(cache, val_ids, augment=False) if val_ids else None
+    if len(train_ds) == 0:
+        raise InputError(f"--data {data_root}: the training cases hold no slices")
+    rd = RunData(ds.task, class_names, window, train_ids, train_ds, val_ds, [cache_dir],
+                 spacing=cache.spacing_range(train_ids))
+    if cfg.unlabelled:
+        u_cache = SliceCache.open(u_dir)
+        rd.unlabelled_ds = UnlabelledSliceDataset(u_cache, augment=cfg.augment_unlabelled)
+        rd.unlabelled_ids = u_cache.case_ids
+        rd.slice_caches.append(u_dir)
+        if len(rd.unlabelled_ds) == 0:
+            raise InputError(f"--unlabelled {cfg.unlabelled}: the images hold no slices")
+    return rd
 
 
 def load_teacher(cfg: TrainConfig, class_names, window, device) -> tuple[nn.Module, dict]:
@@ -315,6 +221,55 @@ def load_teacher(cfg: TrainConfig, class_names, window, device) -> tuple[nn.Modu
     return teacher, t_ckpt
 
 
+class TeacherSide:
+    """The teacher's targets for each step: the teacher is shown every drawn slice in the
+    orientation the step drew, without the student's intensity jitter (`SliceDataset.view`),
+    either live or through the teacher cache, which is filled at the start of each epoch with
+    whatever that epoch draws and the cache does not hold yet."""
+
+    def __init__(self, cfg, proc, teacher, num_classes, sources, cache=None):
+        self.cfg, self.proc, self.teacher, self.num_classes = cfg, proc, teacher, num_classes
+        self.sources, self.cache = sources, cache
+
+    def _views(self, items):
+        """(images N x 1 x H x W, labels N x H x W) of (source, index, orientation) items."""
+        from .sampling import IGNORE_LABEL
+
+        images, labels = [], []
+        for src, idx, o in items:
+            image, label = self.sources[src].view(idx, o)
+            images.append(image)
+            labels.append(label if label is not None else torch.full(image.shape[1:], IGNORE_LABEL, dtype=torch.int64))
+        return torch.stack(images).to(self.proc.device), torch.stack(labels).to(self.proc.device)
+
+    def compute(self, items, half: bool):
+        images, labels = self._views(items)
+        return teacher_targets(self.teacher, images, labels, self.num_classes, half=half,
+                               context=lambda: autocast(self.proc, self.cfg))
+
+    def _keys(self, items):
+        return [self.cache.item_key(self.sources[src], idx, o) for src, idx, o in items]
+
+    def prepare_epoch(self, epoch: int, batches, orientations) -> dict | None:
+        """Fill the cache with this epoch's items that it lacks; returns a log record or None."""
+        if self.cache is None:
+            return None
+        items = [(src, idx, o) for batch, ors in zip(batches, orientations) for (src, idx, _), o in zip(batch, ors)]
+        t0 = time.perf_counter()
+        n = self.cache.fill(self._keys(items), lambda pos: self.compute([items[i] for i in pos], half=True))
+        if not n:
+            return None
+        return {"event": "teacher_cache", "epoch": epoch, "items_filled": n,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+    def targets(self, items):
+        if self.cache is None:
+            return self.compute(items, half=False)
+        return self.cache.gather(self._keys(items)).to(self.proc.device)
+
+
+# ----------------------------------------------------------------------------- the run
+
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     old = ckpt.get("config", {})
     new = cfg.to_flat_dict()
@@ -333,155 +288,190 @@ def package_version() -> str:
         return "unknown"
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; write the checkpoint (every epoch and at the end) and its log.
-    Returns a summary: out, log, steps, epoch, val_dice, seconds, median step time."""
-    from tqdm import tqdm
+class TrainingRun:
+    """The state of one run: data, network, teacher side, optimiser, schedule and position."""
 
-    from .data import open_dataset
-    from .data.slices import SliceCache, SliceDataset, split_cases
-    from .models import create_model
+    def __init__(self, cfg: TrainConfig, proc: Proc):
+        from .models import create_model
 
-    cfg.validate()
-    data_root = Path(cfg.data)
-    if not data_root.is_dir():
-        raise InputError(f"--data {data_root}: not a directory")
-    out = Path(cfg.out)
-    proc = setup_processes(cfg.device)
-    t_start = time.perf_counter()
-    try:
-        ds = open_dataset(data_root)
-        class_names, window = task_info(ds.task)
-        size = (cfg.input_size, cfg.input_size)
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f"slice-cache-{cfg.input_size}"
-        if proc.is_main:
-            cache = SliceCache.build(data_root, cache_dir, window=None, input_size=size, progress=not cfg.quiet)
-        proc.barrier()
-        if not proc.is_main:
-            cache = SliceCache.open(cache_dir)
-        window = [float(v) for v in getattr(cache, "window", window)]
-        train_ids, val_ids = split_cases(list(ds.case_ids), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-        if not train_ids:
-            raise InputError(f"--data {data_root}: no training cases after the validation split")
-        train_ds = SliceDataset(cache, train_ids, augment=cfg.augment)
-        val_ds = SliceDataset(cache, val_ids, augment=False) if val_ids else None
-        if len(train_ds) == 0:
-            raise InputError(f"--data {data_root}: the training cases hold no slices")
-
+        self.cfg, self.proc = cfg, proc
+        self.out = Path(cfg.out)
+        self.data = open_run_data(cfg, proc)
         seed_everything(cfg.seed)
         try:
-            net = create_model(cfg.arch, num_classes=len(class_names)).to(proc.device)
+            self.net = create_model(cfg.arch, num_classes=len(self.data.class_names)).to(proc.device)
         except ValueError as exc:
             raise InputError(f"--arch: {exc}") from exc
-        teacher, t_ckpt = (None, None)
-        if cfg.mode == "distill":
-            teacher, t_ckpt = load_teacher(cfg, class_names, window, proc.device)
-        loss_fn = DistillLoss(cfg, len(class_names), teacher, teacher_context=lambda: autocast(proc, cfg))
+        self.t_ckpt = None
+        distill = cfg.mode == "distill"
+        self.loss_fn = DistillLoss(cfg, len(self.data.class_names), distill=distill)
+        samples = cfg.samples_per_epoch or len(self.data.train_ds)
+        self.steps_per_epoch = max(1, samples // (cfg.batch_size * proc.world))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.target_steps = min(self.total_steps, cfg.max_steps or self.total_steps)
+        self.stop_at = min(self.target_steps, cfg.pause_after or self.target_steps)
+        self.teacher_side = None
+        if distill:
+            teacher, self.t_ckpt = load_teacher(cfg, self.data.class_names, self.data.window, proc.device)
+            cache = None
+            if cfg.teacher_cache:
+                from .teacher_cache import TeacherCache
 
-        samples = cfg.samples_per_epoch or len(train_ds)
-        steps_per_epoch = max(1, samples // (cfg.batch_size * proc.world))
-        total_steps = cfg.epochs * steps_per_epoch
-        target_steps = min(total_steps, cfg.max_steps or total_steps)
-        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        use_amp = proc.device.type == "cuda" and cfg.amp
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-        epoch = step = in_epoch = 0
-        metrics: dict = {}
-        resumed = cfg.resume and out.is_file()
-        if resumed:
-            ckpt = load_checkpoint(out)   # CPU: RNG states must stay CPU tensors; Adam moves its state
-            check_resumable(ckpt, cfg, out)
-            st = ckpt["train_state"]
-            net.load_state_dict(ckpt["model_state"])
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            if use_amp and st.get("scaler"):
-                scaler.load_state_dict(st["scaler"])
-            if int(st.get("world_size", 1)) != proc.world:
-                raise CheckpointError(f"--resume {out}: written by {st.get('world_size')} process(es), "
-                                      f"resumed with {proc.world}; the epoch plan would differ")
-            set_rng_state(st["rng"])
-            epoch, step, in_epoch = int(st["epoch"]), int(st["step"]), int(st["step_in_epoch"])
-            metrics = ckpt.get("metrics", {})
-        log = JsonlLog(log_path_for(out), enabled=proc.is_main, fresh=not resumed)
-        log.write(event="resume" if resumed else "start", step=step, epoch=epoch, world_size=proc.world,
-                  device=str(proc.device), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                  target_steps=target_steps, config=cfg.to_flat_dict())
-
-        model = Forward(net, features=bool(loss_fn.kd))
+                cache = TeacherCache(cfg.teacher_cache, cfg.teacher, cfg.input_size)
+            self.teacher_side = TeacherSide(cfg, proc, teacher, len(self.data.class_names),
+                                            (self.data.train_ds, self.data.unlabelled_ds), cache)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.target_steps)
+        self.use_amp = proc.device.type == "cuda" and cfg.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.epoch = self.step = self.in_epoch = 0
+        self.metrics: dict = {}
+        self.resumed = bool(cfg.resume and self.out.is_file())
+        if self.resumed:
+            self._restore()
+        self.log = JsonlLog(log_path_for(self.out), enabled=proc.is_main, fresh=not self.resumed)
+        self.model = Forward(self.net, features=distill)
         if proc.world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            model = DistributedDataParallel(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
 
-        def checkpoint_now(finished: bool):
-            if not proc.is_main:
-                return
-            state = {"epoch": epoch, "step": step, "step_in_epoch": in_epoch, "steps_per_epoch": steps_per_epoch,
-                     "total_steps": total_steps, "world_size": proc.world, "finished": finished,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if use_amp else {}, "rng": rng_state()}
-            save_checkpoint(out, build_checkpoint(cfg, net, class_names, ds.task, window, state, metrics, t_ckpt,
-                                                  spacing=cache.spacing_range(train_ids)))
+    def _restore(self):
+        ckpt = load_checkpoint(self.out)   # CPU: RNG states must stay CPU tensors; Adam moves its state
+        check_resumable(ckpt, self.cfg, self.out)
+        st = ckpt["train_state"]
+        self.net.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.use_amp and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        if int(st.get("world_size", 1)) != self.proc.world:
+            raise CheckpointError(f"--resume {self.out}: written by {st.get('world_size')} process(es), "
+                                  f"resumed with {self.proc.world}; the epoch plan would differ")
+        set_rng_state(st["rng"])
+        self.epoch, self.step, self.in_epoch = int(st["epoch"]), int(st["step"]), int(st["step_in_epoch"])
+        self.metrics = ckpt.get("metrics", {})
 
-        loader_gen = torch.Generator()
-        bar = tqdm(total=target_steps, initial=step, disable=cfg.quiet or not proc.is_main, unit="step",
+    def batches(self, epoch: int) -> list:
+        cfg, proc = self.cfg, self.proc
+        return epoch_batches(self.data.train_ds, epoch, cfg, self.steps_per_epoch, proc.rank, proc.world,
+                             unlabelled_ds=self.data.unlabelled_ds)
+
+    def loader(self, epoch: int, batches: list) -> DataLoader:
+        """A loader of `batches` of `epoch`: (images, labels, orientations) per step."""
+        cfg, proc = self.cfg, self.proc
+        gen = torch.Generator()
+        gen.manual_seed(derived_seed(cfg.seed, epoch, 3))
+        return DataLoader(SeededItems(self.data.train_ds, self.data.unlabelled_ds), batch_sampler=batches,
+                          num_workers=cfg.workers, generator=gen, pin_memory=proc.device.type == "cuda")
+
+    def checkpoint(self, finished: bool):
+        if not self.proc.is_main:
+            return
+        state = {"epoch": self.epoch, "step": self.step, "step_in_epoch": self.in_epoch,
+                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                 "target_steps": self.target_steps, "world_size": self.proc.world, "finished": finished,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.use_amp else {}, "rng": rng_state()}
+        save_checkpoint(self.out, build_checkpoint(self.cfg, self.net, self.data.class_names, self.data.task,
+                                                   self.data.window, state, self.metrics, self.t_ckpt,
+                                                   spacing=self.data.spacing))
+
+    def validation(self):
+        val_ds = self.data.val_ds
+        if val_ds is None or len(val_ds) == 0:
+            return
+        dice = validate(self.net, val_ds, self.cfg, self.data.class_names, self.proc)
+        self.log.write(event="epoch", epoch=self.epoch, step=self.step, val_dice=dice)
+        self.metrics = {"val": dice, "epoch": self.epoch, "step": self.step}
+
+    def train_step(self, images, labels, items) -> dict:
+        cfg, proc = self.cfg, self.proc
+        targets = self.teacher_side.targets(items) if self.teacher_side is not None else None
+        with autocast(proc, cfg):
+            s_logits, s_feats = self.model(images)
+        terms = self.loss_fn(s_logits, s_feats, labels, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["total"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.in_epoch += 1
+        return {"terms": terms, "lr": lr}
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, proc = self.cfg, self.proc
+        t_start = time.perf_counter()
+        self.log.write(event="resume" if self.resumed else "start", step=self.step, epoch=self.epoch,
+                       world_size=proc.world, device=str(proc.device), steps_per_epoch=self.steps_per_epoch,
+                       total_steps=self.total_steps, target_steps=self.target_steps, config=cfg.to_flat_dict(),
+                       train_cases=len(self.data.train_ids), train_slices=len(self.data.train_ds),
+                       unlabelled_slices=len(self.data.unlabelled_ds) if self.data.unlabelled_ds else 0)
+        bar = tqdm(total=self.target_steps, initial=self.step, disable=cfg.quiet or not proc.is_main, unit="step",
                    desc=f"{cfg.mode} {cfg.arch}", dynamic_ncols=True)
         step_times: list[float] = []
-        saved_at = step if resumed else -1
-        while epoch < cfg.epochs and step < target_steps:
-            batches = epoch_batches(train_ds, epoch, cfg, steps_per_epoch, proc.rank, proc.world)[in_epoch:]
-            loader_gen.manual_seed(derived_seed(cfg.seed, epoch, 3))
-            loader = DataLoader(SeededItems(train_ds), batch_sampler=batches, num_workers=cfg.workers,
-                                generator=loader_gen, pin_memory=proc.device.type == "cuda")
-            model.train()
+        saved_at = self.step if self.resumed else -1
+        while self.epoch < cfg.epochs and self.step < self.stop_at:
+            batches = self.batches(self.epoch)[self.in_epoch:]
+            if self.teacher_side is not None and self.teacher_side.cache is not None:
+                orientations = [ors.tolist() for _, _, ors in self.loader(self.epoch, batches)]
+                record = self.teacher_side.prepare_epoch(self.epoch, batches, orientations)
+                if record:
+                    self.log.write(**record)
+            self.model.train()
             t0 = time.perf_counter()
-            for images, labels in loader:
+            for batch, (images, labels, ors) in zip(batches, self.loader(self.epoch, batches)):
                 images = images.to(proc.device, non_blocking=True).float()
                 labels = labels.to(proc.device, non_blocking=True).long()
-                with autocast(proc, cfg):
-                    s_logits, s_feats = model(images)
-                terms = loss_fn(images, labels, s_logits, s_feats)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms["total"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                step += 1
-                in_epoch += 1
+                items = [(src, idx, int(o)) for (src, idx, _), o in zip(batch, ors)]
+                out = self.train_step(images, labels, items)
                 t1 = time.perf_counter()
                 step_times.append(t1 - t0)
-                if step % cfg.log_every == 0 or step == target_steps:
-                    values = reduce_terms(terms, proc)
-                    log.write(event="step", epoch=epoch, step=step, lr=lr, loss=values,
-                              step_s=round(t1 - t0, 4), samples_per_s=round(cfg.batch_size * proc.world / (t1 - t0), 2))
-                    bar.set_postfix(loss=f"{values['total']:.4f}", img_s=f"{cfg.batch_size * proc.world / (t1 - t0):.1f}")
+                if self.step % cfg.log_every == 0 or self.step == self.target_steps:
+                    values = reduce_terms(out["terms"], proc)
+                    rate = len(images) * proc.world / (t1 - t0)
+                    self.log.write(event="step", epoch=self.epoch, step=self.step, lr=out["lr"], loss=values,
+                                   step_s=round(t1 - t0, 4), samples_per_s=round(rate, 2))
+                    bar.set_postfix(loss=f"{values['total']:.4f}", img_s=f"{rate:.1f}")
                 bar.update(1)
                 t0 = time.perf_counter()
-                if step >= target_steps:
+                if self.step >= self.stop_at:
                     break
-            if in_epoch >= steps_per_epoch:
-                epoch, in_epoch = epoch + 1, 0
-                metrics = run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log)
-                checkpoint_now(finished=step >= target_steps)
-                saved_at = step
+            if self.in_epoch >= self.steps_per_epoch:
+                self.epoch, self.in_epoch = self.epoch + 1, 0
+                self.validation()
+                self.checkpoint(finished=self.step >= self.target_steps)
+                saved_at = self.step
         bar.close()
-        if saved_at != step:
-            metrics = run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log)
-            checkpoint_now(finished=True)
+        if saved_at != self.step:
+            self.validation()
+            self.checkpoint(finished=self.step >= self.target_steps)
         proc.barrier()
         tail = step_times[2:] if len(step_times) > 4 else step_times
-        summary = {"out": str(out), "log": str(log_path_for(out)), "steps": step, "epoch": epoch,
-                   "val_dice": metrics.get("val", {}), "seconds": round(time.perf_counter() - t_start, 2),
-                   "step_s_median": round(float(np.median(tail)), 4) if tail else None, "world_size": proc.world, "rank": proc.rank,
-                   "params_sha256": params_sha256(net)}
-        log.write(event="end", **summary)
+        summary = {"out": str(self.out), "log": str(log_path_for(self.out)), "steps": self.step, "epoch": self.epoch,
+                   "val_dice": self.metrics.get("val", {}), "seconds": round(time.perf_counter() - t_start, 2),
+                   "step_s_median": round(float(np.median(tail)), 4) if tail else None, "world_size": proc.world,
+                   "rank": proc.rank, "params_sha256": params_sha256(self.net)}
+        if self.teacher_side is not None and self.teacher_side.cache is not None:
+            summary["teacher_cache"] = self.teacher_side.cache.summary()
+        self.log.write(event="end", **summary)
         return summary
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; write the checkpoint (every epoch and at the end) and its log.
+    Returns a summary: out, log, steps, epoch, val_dice, seconds, median step time (and the
+    teacher cache's size and times when one is used)."""
+    cfg.validate()
+    proc = setup_processes(cfg.device)
+    try:
+        return TrainingRun(cfg, proc).run()
     finally:
-        if proc.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        proc.close()
 
 
 def params_sha256(net: nn.Module) -> str:
@@ -490,14 +480,6 @@ def params_sha256(net: nn.Module) -> str:
     for _, p in net.named_parameters():
         h.update(p.detach().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def run_validation(net, val_ds, cfg, class_names, proc, epoch, step, log) -> dict:
-    if val_ds is None or len(val_ds) == 0:
-        return {}
-    dice = validate(net, val_ds, cfg, class_names, proc)
-    log.write(event="epoch", epoch=epoch, step=step, val_dice=dice)
-    return {"val": dice, "epoch": epoch, "step": step}
 
 
 def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, window, train_state: dict,
@@ -524,6 +506,9 @@ def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, w
         "provenance": {"teacher": teacher, "kd": list(cfg.kd) if distilled else [],
                        "kd_levels": list(cfg.kd_levels) if distilled else [],
                        "alpha": cfg.alpha, "beta1": cfg.beta1, "beta2": cfg.beta2, "temperature": cfg.temperature,
+                       "pmd_balance": cfg.pmd_balance if distilled else None,
+                       "unlabelled": str(Path(cfg.unlabelled).resolve()) if distilled and cfg.unlabelled else None,
+                       "labelled_cases": cfg.labelled_cases,
                        "data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "package_version": package_version(),
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "metrics": metrics,

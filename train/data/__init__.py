@@ -2,7 +2,7 @@
 
 `slices` (the torch Dataset) is imported on its own so that reading data never needs torch.
 """
-from .layouts import Case, Dataset, detect_layout, open_dataset
+from .layouts import Case, Dataset, ImageSet, detect_layout, open_dataset, open_images
 from .tasks import TASKS, Task, get_task
 
-__all__ = ["open_dataset", "detect_layout", "Dataset", "Case", "TASKS", "Task", "get_task"]
+__all__ = ["open_dataset", "open_images", "detect_layout", "Dataset", "ImageSet", "Case", "TASKS", "Task", "get_task"]

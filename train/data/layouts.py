@@ -70,6 +70,13 @@ def write_case(root, layout: str, index: int, hu: np.ndarray, label: np.ndarray,
     return cid
 
 
+def write_image(path, layout: str, hu: np.ndarray, affine: np.ndarray) -> str:
+    """Write a canonical (RAS) CT image alone, int16, in the layout's voxel order; returns its name."""
+    img, aff = from_canonical(np.asarray(hu, np.int16), affine, LAYOUT_AXCODES[layout])
+    write_nifti(path, img, aff)
+    return Path(path).name
+
+
 def write_dataset_json(root, task: str, case_ids, description: str = "") -> Path:
     """nnU-Net v2 style dataset.json (with the MSD fields `name`, `modality`, `training` too)."""
     t = get_task(task)
@@ -263,3 +270,80 @@ def open_dataset(root, task: str | None = None) -> Dataset:
     if not pairs:
         raise InputError(f"{root}: {layout} dataset without any labelled case")
     return Dataset(root, layout, task or detected, pairs)
+
+
+# ----------------------------------------------------------------------------- images without labels
+
+class ImageSet:
+    """CT images without labels (for distillation from unlabelled scans): case id -> image path.
+    Nothing but the images is ever opened."""
+
+    def __init__(self, root: Path, layout: str, paths: dict[str, Path]):
+        self.root, self.layout, self._paths = root, layout, paths
+        self.case_ids = sorted(paths, key=_natural_key)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def path(self, case_id: str) -> Path:
+        try:
+            return self._paths[case_id]
+        except KeyError:
+            raise InputError(f"{self.root}: no image {case_id!r}") from None
+
+    def load_image(self, case_id: str) -> CanonicalVolume:
+        return read_nifti(self.path(case_id), kind="image").canonical()
+
+    def __repr__(self) -> str:
+        return f"ImageSet(root={str(self.root)!r}, layout={self.layout!r}, images={len(self)})"
+
+
+_NIFTI = re.compile(r"(.+?)\.nii(\.gz)?")
+
+
+def _image_paths(root: Path, layout: str) -> dict[str, Path]:
+    if layout == "msd":   # training and test images; labelsTr is never looked at
+        out = {}
+        for sub in ("imagesTr", "imagesTs"):
+            for img in sorted((root / sub).glob("*.nii*")):
+                m = re.fullmatch(r"(.+?)(_0000)?\.nii(\.gz)?", img.name)
+                if m and not img.name.startswith(".") and not (re.fullmatch(r".+_\d{4}", m.group(1)) and not m.group(2)):
+                    out[f"{sub}/{m.group(1)}"] = img
+        return out
+    if layout == "kits19":
+        return {d.name: d / "imaging.nii.gz" for d in sorted(_kits_dir(root).glob("case_*"))
+                if (d / "imaging.nii.gz").is_file()}
+    if layout == "lits":   # training volumes and the test batch's test-volume-N.nii
+        out = {}
+        for vol in root.rglob("*volume-*.nii*"):
+            m = re.fullmatch(r"(test-)?volume-(\d+)\.nii(\.gz)?", vol.name)
+            if m:
+                out[f"{m.group(1) or ''}{m.group(2)}"] = vol
+        return out
+    out = {}
+    for p in sorted(root.rglob("*.nii*")):
+        m = _NIFTI.fullmatch(p.name)
+        if m and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            out[str(p.relative_to(root).with_name(m.group(1)))] = p
+    return out
+
+
+def open_images(root) -> ImageSet:
+    """The CT images under `root`, labels never read: a LiTS (training or test batch), KiTS19 or
+    MSD/nnU-Net folder (imagesTr and imagesTs), or any folder of NIfTI files, each of which is
+    taken to be a CT image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: image folder does not exist")
+    if (root / "dataset.json").is_file() and ((root / "imagesTr").is_dir() or (root / "imagesTs").is_dir()):
+        layout = "msd"
+    elif _kits_dir(root) is not None:
+        layout = "kits19"
+    elif next(root.rglob("*volume-*.nii*"), None) is not None:
+        layout = "lits"
+    else:
+        layout = "folder"
+    paths = _image_paths(root, layout)
+    if not paths:
+        raise InputError(f"{root}: no CT image (.nii or .nii.gz) found")
+    return ImageSet(root, layout, paths)

@@ -20,7 +20,7 @@ from regionkd.sdk.atomic import atomic_path, atomic_write_text
 from regionkd.sdk.errors import InputError
 from regionkd.sdk.preprocess import resize_labels_nearest, resize_slices, volume_to_slices, window_and_scale
 
-from .layouts import open_dataset
+from .layouts import open_dataset, open_images
 from .tasks import TASKS
 
 CACHE_FORMAT = "regionkd-slice-cache/1"
@@ -44,7 +44,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 class SliceCache:
     """A cache directory: `<case>.image.npy` float32 (z, H, W) in [-1, 1], `<case>.label.npy`
     uint8 (z, H, W), `<case>.counts.npy` int64 (z, num_classes) voxel counts per class, and
-    `index.json` describing it all."""
+    `index.json` describing it all. An unlabelled cache (`build_unlabelled`) holds the images only."""
 
     root: Path
     meta: dict
@@ -56,6 +56,10 @@ class SliceCache:
     @property
     def task(self) -> str:
         return self.meta["task"]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.meta.get("labelled", True))
 
     @property
     def class_names(self) -> list[str]:
@@ -115,40 +119,59 @@ class SliceCache:
         """Slice every case of the dataset at `dataset_root` into `cache_dir`. Cases whose source
         files and settings are unchanged since the last build are reused, not re-read."""
         ds = open_dataset(dataset_root)
-        task = TASKS[ds.task]
+        return cls._build(ds, ds.task, dataset_root, cache_dir, window, input_size, progress, labelled=True)
+
+    @classmethod
+    def build_unlabelled(cls, images_root, cache_dir, task: str, window=None, input_size=(256, 256),
+                         progress: bool = True) -> "SliceCache":
+        """The same for a folder of CT images without labels (`layouts.open_images`): any label
+        files there are never opened."""
+        images = open_images(images_root)
+        return cls._build(images, task, images_root, cache_dir, window, input_size, progress, labelled=False)
+
+    @classmethod
+    def _build(cls, ds, task_name, dataset_root, cache_dir, window, input_size, progress, labelled) -> "SliceCache":
+        task = TASKS[task_name]
         window = [float(v) for v in (window if window is not None else task.window)]
         size = [int(v) for v in input_size]
         root = Path(cache_dir)
         root.mkdir(parents=True, exist_ok=True)
+        kinds = ("image", "label", "counts") if labelled else ("image",)
         old = {}
         try:
             prev = cls.open(root).meta
-            if prev["window"] == window and prev["input_size"] == size and prev["task"] == ds.task:
+            if (prev["window"] == window and prev["input_size"] == size and prev["task"] == task_name
+                    and prev.get("labelled", True) == labelled):
                 old = prev["cases"]
         except InputError:
             pass
         cases = {}
-        for cid in tqdm(ds.case_ids, desc="slicing cases", unit="case", disable=not progress):
-            paths = ds.paths(cid)
+        for cid in tqdm(ds.case_ids, desc="slicing cases" if labelled else "slicing unlabelled cases", unit="case",
+                        disable=not progress):
+            paths = ds.paths(cid) if labelled else (ds.path(cid),)
             stamp = _source_stamp(paths)
             entry = old.get(cid)
-            if entry and entry["source"] == stamp and all((root / f"{cid}.{w}.npy").exists()
-                                                          for w in ("image", "label", "counts")):
+            if entry and entry["source"] == stamp and all((root / f"{cid}.{w}.npy").exists() for w in kinds):
                 cases[cid] = entry
                 continue
-            case = ds.load_case(cid)
-            hu = volume_to_slices(case.volume.data)
+            if labelled:
+                case = ds.load_case(cid)
+                volume, label = case.volume, case.label
+            else:
+                volume, label = ds.load_image(cid), None
+            hu = volume_to_slices(volume.data)
             images = resize_slices(window_and_scale(hu, window), size).astype(np.float32)
-            labels = np.ascontiguousarray(resize_labels_nearest(volume_to_slices(case.label), size)).astype(np.uint8)
-            counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(task.num_classes)], axis=1)
             _save_npy(root / f"{cid}.image.npy", images)
-            _save_npy(root / f"{cid}.label.npy", labels)
-            _save_npy(root / f"{cid}.counts.npy", counts.astype(np.int64))
+            if labelled:
+                labels = np.ascontiguousarray(resize_labels_nearest(volume_to_slices(label), size)).astype(np.uint8)
+                counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(task.num_classes)], axis=1)
+                _save_npy(root / f"{cid}.label.npy", labels)
+                _save_npy(root / f"{cid}.counts.npy", counts.astype(np.int64))
             cases[cid] = {"num_slices": int(images.shape[0]), "source": stamp,
-                          "spacing": [float(s) for s in case.volume.spacing]}
+                          "spacing": [float(s) for s in volume.spacing]}
         meta = {"format": CACHE_FORMAT, "dataset": str(Path(dataset_root).resolve()), "layout": ds.layout,
-                "task": ds.task, "class_names": list(task.class_names), "window": window, "input_size": size,
-                "normalisation": {"type": "window-linear", "range": [-1, 1]}, "cases": cases}
+                "task": task_name, "labelled": labelled, "class_names": list(task.class_names), "window": window,
+                "input_size": size, "normalisation": {"type": "window-linear", "range": [-1, 1]}, "cases": cases}
         atomic_write_text(root / "index.json", json.dumps(meta, indent=1) + "\n")
         return cls(root, meta)
 
@@ -168,11 +191,65 @@ def split_cases(case_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[lis
     return train, val
 
 
+# ----------------------------------------------------------------------------- augmentation
+
+def _orientation_table():
+    """The 8 distinct orientations that flips and 90-degree rotations make of a square slice:
+    (flip rows, flip columns, quarter turns) -> orientation id 0..7 (0 = unchanged), and one
+    representative (f0, f1, k) per id. Found by applying each combination to a 3x3 pattern."""
+    pattern = torch.arange(9).view(3, 3)
+    ids, reps, seen = {}, [], {}
+    for f0 in (0, 1):
+        for f1 in (0, 1):
+            for k in range(4):
+                key = tuple(_orient(pattern, (f0, f1, k)).flatten().tolist())
+                if key not in seen:
+                    seen[key] = len(reps)
+                    reps.append((f0, f1, k))
+                ids[(f0, f1, k)] = seen[key]
+    return ids, reps
+
+
+def _orient(x, combo):
+    f0, f1, k = combo
+    dims = [d for d, f in ((0, f0), (1, f1)) if f]
+    if dims:
+        x = torch.flip(x, dims)
+    return torch.rot90(x, k, (0, 1)) if k else x
+
+
+ORIENTATION_IDS, ORIENTATIONS = _orientation_table()
+NUM_ORIENTATIONS = len(ORIENTATIONS)   # 8
+
+
+def orient(x, orientation: int):
+    """Slice `x` (H x W, torch) in orientation `orientation` (0..7)."""
+    return _orient(x, ORIENTATIONS[int(orientation)]).contiguous()
+
+
+def draw_augmentation(square: bool) -> tuple[int, float, float]:
+    """(orientation id, intensity scale, intensity shift) from torch's RNG: random flips, 90-degree
+    rotations (180 only for non-square slices), scale 0.9-1.1 and shift +-0.05."""
+    flips = torch.randint(0, 2, (2,)).tolist()
+    k = int(torch.randint(0, 4, (1,))) if square else 2 * int(torch.randint(0, 2, (1,)))
+    scale = 0.9 + 0.2 * float(torch.rand(()))
+    shift = 0.1 * float(torch.rand(())) - 0.05
+    return ORIENTATION_IDS[(flips[0], flips[1], k)], scale, shift
+
+
+def jitter(image, scale: float, shift: float):
+    return torch.clamp(image * scale + shift, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- datasets
+
 class SliceDataset(torch.utils.data.Dataset):
     """Axial slices of some cases of a SliceCache. Item: (image float32 1xHxW in [-1, 1],
-    label int64 HxW). With augment: random flips, 90-degree rotations (square inputs; 180 only
-    otherwise) and a light intensity jitter (scale 0.9-1.1, shift +-0.05, clipped to [-1, 1]).
-    Randomness comes from torch's generator, which DataLoader seeds per worker."""
+    label int64 HxW). With augment: a random orientation (flips and 90-degree rotations, the same
+    for image and label) and a light intensity jitter of the image (`draw_augmentation`), drawn
+    from torch's generator, which DataLoader seeds per worker. `item(i)` also returns the
+    orientation id, and `view(i, orientation)` the slice in an orientation without the jitter
+    (what the teacher sees, teacher_cache.py)."""
 
     def __init__(self, cache: SliceCache, case_ids=None, augment: bool = False, lesion_label: int | None = None):
         self.cache = cache
@@ -196,28 +273,67 @@ class SliceDataset(torch.utils.data.Dataset):
             self._arrays[cid] = (self.cache.images(cid), self.cache.labels(cid))
         return self._arrays[cid]
 
-    def __getitem__(self, i):
+    def _raw(self, i):
         cid, z = self.index[i]
         images, labels = self._case(cid)
-        image = torch.from_numpy(np.array(images[z], dtype=np.float32))
-        label = torch.from_numpy(np.array(labels[z], dtype=np.int64))
-        if self.augment:
-            image, label = self._augment(image, label)
-        return image[None], label
+        return (torch.from_numpy(np.array(images[z], dtype=np.float32)),
+                torch.from_numpy(np.array(labels[z], dtype=np.int64)))
 
-    def _augment(self, image, label):
-        flips = torch.randint(0, 2, (2,))
-        dims = [d for d, f in zip((0, 1), flips.tolist()) if f]
-        if dims:
-            image, label = torch.flip(image, dims), torch.flip(label, dims)
-        square = image.shape[0] == image.shape[1]
-        k = int(torch.randint(0, 4, (1,))) if square else 2 * int(torch.randint(0, 2, (1,)))
-        if k:
-            image, label = torch.rot90(image, k, (0, 1)), torch.rot90(label, k, (0, 1))
-        scale = 0.9 + 0.2 * float(torch.rand(()))
-        shift = 0.1 * float(torch.rand(())) - 0.05
-        image = torch.clamp(image * scale + shift, -1.0, 1.0)
-        return image.contiguous(), label.contiguous()
+    def item(self, i):
+        """(image 1xHxW, label HxW, orientation id) with this dataset's augmentation."""
+        image, label = self._raw(i)
+        if not self.augment:
+            return image[None], label, 0
+        o, scale, shift = draw_augmentation(image.shape[0] == image.shape[1])
+        return jitter(orient(image, o), scale, shift)[None], orient(label, o), o
+
+    def __getitem__(self, i):
+        image, label, _ = self.item(i)
+        return image, label
+
+    def view(self, i, orientation: int):
+        """(image 1xHxW, label HxW) of slice i in `orientation`, without intensity jitter."""
+        image, label = self._raw(i)
+        return orient(image, orientation)[None], orient(label, orientation)
+
+    def slice_key(self, i) -> tuple[str, int]:
+        return self.index[i]
+
+
+class UnlabelledSliceDataset(torch.utils.data.Dataset):
+    """Axial slices of an unlabelled SliceCache. Item: image float32 1xHxW in [-1, 1], augmented
+    like SliceDataset's when `augment`."""
+
+    def __init__(self, cache: SliceCache, augment: bool = False):
+        self.cache, self.augment = cache, augment
+        self.case_ids = cache.case_ids
+        self.index = [(cid, z) for cid in self.case_ids for z in range(cache.num_slices(cid))]
+        self._arrays = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _raw(self, i):
+        cid, z = self.index[i]
+        if cid not in self._arrays:
+            self._arrays[cid] = self.cache.images(cid)
+        return torch.from_numpy(np.array(self._arrays[cid][z], dtype=np.float32))
+
+    def item(self, i):
+        image = self._raw(i)
+        if not self.augment:
+            return image[None], None, 0
+        o, scale, shift = draw_augmentation(image.shape[0] == image.shape[1])
+        return jitter(orient(image, o), scale, shift)[None], None, o
+
+    def __getitem__(self, i):
+        return self.item(i)[0]
+
+    def view(self, i, orientation: int):
+        return orient(self._raw(i), orientation)[None], None
+
+    def slice_key(self, i) -> tuple[str, int]:
+        return self.index[i]
 
 
 def lesion_oversampling_sampler(dataset: SliceDataset, lesion_fraction: float = 0.5, num_samples: int | None = None,

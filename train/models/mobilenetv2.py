@@ -4,6 +4,8 @@
   final 1280-channel conv) with a light FPN-style decoder (64 channels, additive skips at
   strides 16, 8 and 4, one depthwise-separable conv) — genuinely light (~2 M params, a few
   GFLOPs per 384x384 slice).
+- `mobilenetv2-s2`: the same with the decoder carried on to stride 2 (one more skip, from the
+  stride-2 stage): a stride-4 map caps tumour Dice at about 0.77 on 20 mm lesions at 96x96.
 - `mobilenetv2-os8`: the variant the authors used: stages after stride 8 dilated instead of
   strided (output stride 8), the 1280-channel conv kept, and a 3x3 conv head (160 ch) at stride 8; it
   costs about 19 GFLOPs per 384x384 slice, more than ResNet-18.
@@ -68,10 +70,16 @@ class MobileNetV2Encoder(nn.Module):
 
 
 class MobileNetV2Light(SegmentationNet):
-    def __init__(self, num_classes=3, in_channels=1, width=64):
+    """`output_stride` 4 (the default) or 2: at 2 the decoder takes one more skip, from the
+    stride-2 stage, so that its maps can follow a full-resolution teacher's on small lesions."""
+
+    def __init__(self, num_classes=3, in_channels=1, width=64, output_stride=4):
         super().__init__()
+        if output_stride not in (2, 4):
+            raise ValueError(f"MobileNetV2Light: output_stride must be 2 or 4, got {output_stride}")
         self.encoder = MobileNetV2Encoder(in_channels)
         self.lat = nn.ModuleList([ConvBNAct(c, width, 1) for c in (24, 32, 96, 320)])
+        self.lat2 = ConvBNAct(16, width, 1) if output_stride == 2 else None
         self.refine = nn.Sequential(ConvBNAct(width, width, 3, groups=width), ConvBNAct(width, width, 1))
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
@@ -80,6 +88,8 @@ class MobileNetV2Light(SegmentationNet):
         y = self.lat[3](s32)
         for lat, skip in ((self.lat[2], s16), (self.lat[1], s8), (self.lat[0], s4)):
             y = lat(skip) + upsample_to(y, skip)
+        if self.lat2 is not None:
+            y = self.lat2(s2) + upsample_to(y, s2)
         logits = upsample_to(self.classifier(self.refine(y)), x)
         return logits, {"low": s2, "high": s8}
 
@@ -102,6 +112,12 @@ class MobileNetV2OS8(SegmentationNet):
 def mobilenetv2(num_classes=3, in_channels=1):
     """Student: MobileNetV2 encoder + light FPN decoder (output stride 32)."""
     return MobileNetV2Light(num_classes, in_channels)
+
+
+@register_model("mobilenetv2-s2")
+def mobilenetv2_s2(num_classes=3, in_channels=1):
+    """Student: MobileNetV2 with the light decoder carried on to stride 2 (one more skip)."""
+    return MobileNetV2Light(num_classes, in_channels, output_stride=2)
 
 
 @register_model("mobilenetv2-os8")
