@@ -155,7 +155,7 @@ def test_parser_refuses_int32_bias_dequantize(models, tmp_path):
 
 def test_fixed_batch_is_refused(tmp_path):
     path = _export(TinyNet(), tmp_path / "static.onnx", dynamic=False)
-    with pytest.raises(EngineBuildError, match=r"static\.onnx.*\(1, 1, 16, 16\).*dynamic batch"):
+    with pytest.raises(EngineBuildError, match=r"static\.onnx.*\(1, 1, 32, 32\).*dynamic batch"):
         build_engine(path, tmp_path, backend="tensorrt-rtx")
 
 
