@@ -186,3 +186,21 @@ def test_an_engine_built_for_a_signed_bundle_never_rewrites_its_manifest(signed,
     assert (signed / "manifest.json").read_bytes() == before          # the signature still holds
     assert b.read_verified(entry) == b"plan"                          # and the engine is run from checked bytes
     assert load_bundle(signed, trusted_keys=[keys["pub"]]).signature.verified
+
+
+def test_an_encrypted_signing_key_needs_its_passphrase(tiny_bundle, tmp_path, monkeypatch):
+    from regionkd.sdk.signing import PASSPHRASE_ENV, KeyFileError
+
+    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
+    key, pub, _ = generate_keypair(tmp_path / "enc")
+    assert b"ENCRYPTED" in key.read_bytes()
+    root = tmp_path / "b.bundle"
+    shutil.copytree(tiny_bundle, root)
+    sign_bundle(root, key)
+    assert load_bundle(root, trusted_keys=[pub]).signature.verified
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    with pytest.raises(KeyFileError, match=f"set {PASSPHRASE_ENV}"):
+        sign_bundle(root, key)
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    with pytest.raises(KeyFileError, match="wrong passphrase"):
+        sign_bundle(root, key)
