@@ -39,7 +39,7 @@ def bundle_directory(final, overwrite: bool = False) -> Iterator[Path]:
         raise BundleError(f"{final} exists and is not a directory")
     if final.exists() and not overwrite:
         raise FileExistsError(f"bundle directory {final} already exists (pass --overwrite to replace it)")
-    with atomic_directory(final, overwrite=overwrite) as tmp:
+    with atomic_directory(final, overwrite=overwrite, clean_stale=True) as tmp:   # a killed export's leftovers go
         yield tmp
 
 
@@ -70,6 +70,9 @@ def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
             out["largest_component_counts"] = counts
     elif largest_component_labels is not None:
         out["largest_component_labels"] = list(largest_component_labels)
+    if pre.get("spacing"):   # the training data's voxel sizes: the SDK warns when an input is far from them
+        out["spacing"] = {k: [float(v) for v in pre["spacing"][k]] for k in ("in_plane_mm", "slice_thickness_mm")
+                          if k in pre["spacing"]}
     return out
 
 

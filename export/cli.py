@@ -63,15 +63,18 @@ def summary_table(manifest: dict, seconds: float) -> str:
               help="Largest allowed per-class Dice loss (absolute) of fp16/int8 against fp32; more refuses the export.")
 @click.option("--name", default=None, help="Model name in the manifest (default: <task>-<arch>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory (only once the new one is complete).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the manifest with this Ed25519 private key (from `regionkd-sign keygen`); scanners that "
+                   "trust its public key (regionkd-segment --trusted-key) run only bundles it signed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, messages or summary; errors only.")
 def export_command(checkpoint, out, precision, calib, calib_slices, val, engine, max_batch, max_dice_drop,
-                   name, overwrite, quiet):
+                   name, overwrite, sign_key, quiet):
     """Export the network in CHECKPOINT to a model bundle: fp32/fp16/int8 ONNX, TensorRT engines, manifest.json."""
     from tqdm import tqdm
 
     opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=parse_precisions(precision), calib=calib,
                          calib_slices=calib_slices, val=val, engine=engine, max_batch=max_batch,
-                         max_dice_drop=max_dice_drop, overwrite=overwrite, name=name)
+                         max_dice_drop=max_dice_drop, overwrite=overwrite, name=name, sign_key=sign_key)
     bar = tqdm(total=planned_steps(opts), unit="step", disable=quiet,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} steps [{elapsed}]")
     started = [False]
@@ -91,7 +94,8 @@ def export_command(checkpoint, out, precision, calib, calib_slices, val, engine,
         bar.close()
     if not quiet:
         click.echo(summary_table(result.manifest, result.seconds))
-        click.echo(f"bundle: {result.bundle}")
+        click.echo(f"bundle: {result.bundle}" + (f" (signed, key {result.signed_by})" if result.signed_by else
+                                                  " (unsigned)"))
     return 0
 
 

@@ -43,6 +43,7 @@ class ExportOptions:
     latency_runs: int = 20
     threads: int = 1
     name: str | None = None
+    sign_key: Path | None = None      # Ed25519 private key: the bundle gets a manifest.sig
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ExportResult:
     manifest: dict
     seconds: float
     skipped_engines: list = field(default_factory=list)
+    signed_by: str | None = None      # key id of the signature, when signed
 
 
 def parse_precisions(text: str) -> tuple:
@@ -89,7 +91,7 @@ def planned_steps(opts: ExportOptions) -> int:
     """How many progress steps `export_bundle` reports for these options."""
     n = 5  # load, read slices, fp32, latency, manifest
     n += ("fp16" in opts.precisions) + 2 * ("int8" in opts.precisions)
-    n += (opts.val is not None) + (opts.engine != "never")
+    n += (opts.val is not None) + (opts.engine != "never") + (opts.sign_key is not None)
     return n
 
 
@@ -112,6 +114,10 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"bundle directory {out} already exists (pass --overwrite to replace it)")
+    sign_key = None
+    if opts.sign_key is not None:   # a bad key fails now, not after the whole export
+        from regionkd.sdk.signing import load_private_key
+        sign_key = load_private_key(opts.sign_key)
 
     step("load checkpoint")
     model, ckpt = load_model(opts.checkpoint)
@@ -223,8 +229,15 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
             preprocessing=bw.preprocessing_section(ckpt), files=files, metrics=_by_precision(metrics),
             provenance=bw.provenance_section(ckpt, opts.checkpoint, __version__), max_batch=opts.max_batch,
             extra=extra)
+        signed_by = None
+        if sign_key is not None:
+            from regionkd.sdk.signing import sign_bundle
+
+            step("sign manifest")
+            signed_by = sign_bundle(root, sign_key)["key_id"]
+            log(f"signed manifest.json with key {signed_by}")
     return ExportResult(bundle=out, manifest=manifest, seconds=time.perf_counter() - t_start,
-                        skipped_engines=skipped_engines)
+                        skipped_engines=skipped_engines, signed_by=signed_by)
 
 
 def _evaluate(sessions, val_root, window, input_size, class_names):

@@ -65,6 +65,7 @@ regionkd-export "$OUT/distilled.pt" --out "$OUT/liver.bundle" --precision fp32,f
 
 step "7/7 segment a held-out phantom and benchmark it"
 HELD_IMG=$(ls "$HELD_OUT"/case_*/imaging.nii.gz | head -n 1)
+mkdir -p "$OUT/masks"   # one input: -o is a .nii/.nii.gz name or an existing folder
 regionkd-segment "$OUT/liver.bundle" "$HELD_IMG" -o "$OUT/masks" --preview "$OUT/preview.png"
 regionkd-bench "$OUT/liver.bundle" --volume "$HELD_IMG" --precisions fp32,int8 --repeat 3 \
   --torch-checkpoint "$OUT/teacher.pt" --torch-checkpoint "$OUT/distilled.pt" --json "$OUT/bench.json"

@@ -12,11 +12,11 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from .errors import BackendError, BundleError, InputError, MissingDependencyError, RegionKDError
+from .errors import BackendError, BundleError, InputError, MissingDependencyError, OutputError, RegionKDError
 
 __all__ = [
     "Segmenter", "SegmentationResult", "load_bundle", "Bundle",
-    "RegionKDError", "InputError", "BundleError", "BackendError", "MissingDependencyError",
+    "RegionKDError", "InputError", "BundleError", "BackendError", "OutputError", "MissingDependencyError",
     "__version__",
 ]
 

@@ -1,8 +1,12 @@
 """Model bundle: a directory with `manifest.json` (format_version 1) and the model files.
 
-`load_bundle` checks the manifest's shape and every listed file's sha256 *before* anything is
-loaded, so a truncated copy or a swapped file is refused with a message naming it. The SDK only
-ever reads JSON, ONNX and TensorRT engines from a bundle; it never unpickles anything.
+`load_bundle` checks, before anything is loaded: the signature when trusted keys are configured
+(`regionkd.sdk.signing`), the manifest against its schema (`regionkd.sdk.manifest_schema`), that
+every listed file resolves inside the bundle directory (a symlink pointing out is refused), and
+every file's size and sha256. A backend then runs only bytes it got from `Bundle.read_verified`,
+which reads a file once and checks those very bytes against the manifest loaded: a file replaced
+after `load_bundle()` is refused, never executed. The SDK only ever reads JSON, ONNX and TensorRT
+engines from a bundle; it never unpickles anything.
 The export writes bundles with `file_entry` + `write_manifest` (or `Bundle.register_file`).
 """
 from __future__ import annotations
@@ -11,16 +15,46 @@ import copy
 import hashlib
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import BundleError
+from .manifest_schema import (FORMAT_VERSION, KNOWN_BACKENDS, MAX_MANIFEST_BYTES, PRECISIONS, check_manifest,
+                              parse_manifest_bytes)
+from .signing import SignatureStatus, check_signature, resolve_trusted_keys
 
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
-KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+__all__ = ["FORMAT_VERSION", "KNOWN_BACKENDS", "PRECISIONS", "MANIFEST_NAME", "Bundle", "load_bundle",
+           "read_manifest", "validate_manifest", "write_manifest", "file_entry", "sha256_file", "read_inside"]
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> None:
+    """Raise BundleError naming `where` when the manifest does not follow format_version 1
+    (the schema lives in `regionkd.sdk.manifest_schema`)."""
+    check_manifest(manifest, where)
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """`root/rel` resolved (symlinks followed), refused unless it stays inside the resolved `root`."""
+    base = root.resolve()
+    full = (base / rel).resolve()
+    if full != base and base not in full.parents:
+        raise BundleError(f"bundle {root}: {rel} resolves to {full}, outside the bundle directory "
+                          "(a symlink pointing out of the bundle is refused)")
+    return full
+
+
+def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """The bytes of the regular file `rel` inside the bundle `root` (at most `limit` bytes)."""
+    full = _inside(Path(root), rel)
+    if not full.is_file():
+        raise BundleError(f"bundle {root}: {rel} is missing or not a regular file")
+    with open(full, "rb") as fh:
+        data = fh.read() if limit is None else fh.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise BundleError(f"bundle {root}: {rel} is larger than {limit} bytes")
+    return data
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -49,73 +83,30 @@ def file_entry(path: str | os.PathLike, root: str | os.PathLike, **fields: Any) 
     return entry
 
 
-def _fail(where: str, problem: str) -> BundleError:
-    return BundleError(f"{where}: malformed manifest: {problem}")
-
-
-def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> None:
-    """Raise BundleError naming `where` when the manifest does not follow format_version 1."""
-    if not isinstance(manifest, dict):
-        raise _fail(where, "top level must be a JSON object")
-    if "format_version" not in manifest:
-        raise _fail(where, "no 'format_version'")
-    version = manifest["format_version"]
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{where}: unknown format_version {version!r} (this SDK reads {FORMAT_VERSION}); "
-                          "re-export the bundle or upgrade regionkd")
-    model = manifest.get("model")
-    if not isinstance(model, dict):
-        raise _fail(where, "'model' must be an object")
-    names = model.get("class_names")
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
-        raise _fail(where, "'model.class_names' must be a list of at least two strings")
-    if model.get("num_classes", len(names)) != len(names):
-        raise _fail(where, f"'model.num_classes' {model.get('num_classes')} != {len(names)} class names")
-    prep = manifest.get("preprocessing")
-    if not isinstance(prep, dict):
-        raise _fail(where, "'preprocessing' must be an object")
-    window, size = prep.get("window"), prep.get("input_size")
-    if not (isinstance(window, list) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)
-            and window[1] > window[0]):
-        raise _fail(where, f"'preprocessing.window' must be [lo, hi] with hi > lo, got {window!r}")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise _fail(where, f"'preprocessing.input_size' must be [H, W] positive integers, got {size!r}")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not files:
-        raise _fail(where, "'files' must be a non-empty list")
-    seen = set()
-    for i, entry in enumerate(files):
-        if not isinstance(entry, dict):
-            raise _fail(where, f"files[{i}] must be an object")
-        for key in ("path", "precision", "backends", "sha256"):
-            if key not in entry:
-                raise _fail(where, f"files[{i}] has no '{key}'")
-        rel = PurePosixPath(entry["path"])
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise _fail(where, f"files[{i}].path {entry['path']!r} must be relative and stay inside the bundle")
-        if entry["path"] in seen:
-            raise _fail(where, f"files[{i}].path {entry['path']!r} is listed twice")
-        seen.add(entry["path"])
-        if entry["precision"] not in PRECISIONS:
-            raise _fail(where, f"files[{i}] ({entry['path']}) has unknown precision {entry['precision']!r}")
-        if not (isinstance(entry["backends"], list) and entry["backends"]):
-            raise _fail(where, f"files[{i}] ({entry['path']}).backends must be a non-empty list")
-
-
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     """Validate and write `directory/manifest.json` atomically; returns its path."""
     path = Path(directory) / MANIFEST_NAME
     validate_manifest(manifest, str(path))
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    try:
+        text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise BundleError(f"{path}: malformed manifest: {exc} (NaN and infinity are not JSON)") from None
+    if len(text.encode("utf-8")) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: malformed manifest: more than {MAX_MANIFEST_BYTES} bytes")
+    atomic_write_text(path, text)
     return path
 
 
 class Bundle:
-    """A verified bundle. Attributes: root, manifest, files, class_names, preprocessing."""
+    """A verified bundle. Attributes: root, manifest, manifest_bytes (what was parsed and, when
+    keys are configured, verified), signature (SignatureStatus), files, class_names, preprocessing."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, manifest_bytes: bytes | None = None,
+                 signature: SignatureStatus | None = None):
         self.root = Path(root)
         self.manifest = manifest
+        self.manifest_bytes = manifest_bytes
+        self.signature = signature or SignatureStatus("unsigned")
 
     @property
     def files(self) -> list[dict]:
@@ -160,12 +151,34 @@ class Bundle:
     def path_of(self, entry: dict) -> Path:
         return self.root / entry["path"]
 
+    def read_verified(self, entry: dict) -> bytes:
+        """The bytes of `entry`'s file, read once and checked against this bundle's manifest (size
+        and sha256): hand exactly these bytes to the runtime. A file replaced or changed since
+        `load_bundle()` is refused (BundleError naming it), so it is never executed."""
+        if entry not in self.files:
+            raise BundleError(f"bundle {self.root}: {entry.get('path')!r} is not a file of this bundle's manifest")
+        full = _inside(self.root, entry["path"])
+        try:
+            with open(full, "rb") as fh:
+                data = fh.read(int(entry["bytes"]) + 1)
+        except OSError as exc:
+            raise BundleError(f"bundle {self.root}: file {entry['path']} cannot be read since the bundle was "
+                              f"loaded ({exc.strerror or exc})") from None
+        _check_bytes(self.root, entry, data, "since the bundle was loaded")
+        return data
+
     def register_file(self, path: str | os.PathLike, **fields: Any) -> dict:
-        """Add (or replace, by path) an entry for a file inside the bundle and rewrite the manifest atomically."""
+        """Add (or replace, by path) an entry for a file inside the bundle and rewrite the manifest atomically.
+        A signed bundle loaded with its signature verified is never rewritten (the signature would no
+        longer match): the entry is added to this object only."""
         entry = file_entry(path, self.root, **fields)
         manifest = copy.deepcopy(self.manifest)
         manifest["files"] = [e for e in manifest["files"] if e["path"] != entry["path"]] + [entry]
-        write_manifest(self.root, manifest)
+        if self.signature.verified:
+            validate_manifest(manifest, str(self.root / MANIFEST_NAME))
+        else:
+            write_manifest(self.root, manifest)
+            self.manifest_bytes = None
         self.manifest = manifest
         return entry
 
@@ -173,41 +186,66 @@ class Bundle:
         return f"Bundle({str(self.root)!r}, model={self.manifest['model'].get('name')!r}, precisions={self.precisions})"
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    """Parse and validate `root/manifest.json` without checking file checksums."""
-    root = Path(root)
+def _manifest_bytes(root: Path) -> bytes:
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist or is not a directory")
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise BundleError(f"bundle {root} has no {MANIFEST_NAME}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(str(path), f"not valid JSON ({exc})") from None
-    validate_manifest(manifest, str(path))
+        return read_inside(root, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+    except BundleError as exc:
+        if "larger than" in str(exc):
+            raise BundleError(f"{path}: malformed manifest: larger than {MAX_MANIFEST_BYTES} bytes") from None
+        raise
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """Parse and validate `root/manifest.json` without checking file checksums or signature."""
+    root = Path(root)
+    manifest = parse_manifest_bytes(_manifest_bytes(root), str(root / MANIFEST_NAME))
+    validate_manifest(manifest, str(root / MANIFEST_NAME))
     return manifest
 
 
+def _check_bytes(root: Path, entry: dict, data: bytes, when: str = "") -> None:
+    if len(data) != entry["bytes"]:
+        size = f"more than {entry['bytes']}" if len(data) > entry["bytes"] else str(len(data))
+        raise BundleError(f"bundle {root}: file {entry['path']} has {size} bytes, the manifest says {entry['bytes']} "
+                          f"(truncated or replaced{' ' + when if when else ''})")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != entry["sha256"].lower():
+        raise BundleError(f"bundle {root}: file {entry['path']} has the wrong checksum (sha256 {actual[:12]}..., "
+                          f"manifest {entry['sha256'][:12]}...){' (changed ' + when + ')' if when else ''}")
+
+
 def verify_files(root: Path, manifest: dict) -> None:
-    """Check that every listed file exists, has the listed size and the listed sha256."""
+    """Check that every listed file resolves inside the bundle, exists, and has the listed size and sha256."""
     for entry in manifest["files"]:
-        path = root / entry["path"]
-        if not path.is_file():
+        full = _inside(root, entry["path"])
+        if not full.is_file():
             raise BundleError(f"bundle {root}: file {entry['path']} listed in the manifest is missing")
-        size = path.stat().st_size
-        if "bytes" in entry and entry["bytes"] != size:
+        size = full.stat().st_size
+        if entry["bytes"] != size:
             raise BundleError(f"bundle {root}: file {entry['path']} has {size} bytes, the manifest says "
                               f"{entry['bytes']} (truncated or replaced)")
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
+        actual = sha256_file(full)
+        if actual != entry["sha256"].lower():
             raise BundleError(f"bundle {root}: file {entry['path']} has the wrong checksum "
                               f"(sha256 {actual[:12]}..., manifest {str(entry['sha256'])[:12]}...)")
 
 
-def load_bundle(root: str | os.PathLike) -> Bundle:
-    """Read the manifest, check its format_version and schema, verify every file's sha256."""
+def load_bundle(root: str | os.PathLike, trusted_keys=None) -> Bundle:
+    """Load a bundle, checking everything before any model is loaded (see the module doc).
+
+    trusted_keys: public key files (or signing.TrustedKey) whose signature is required; the keys
+    named by REGIONKD_TRUSTED_KEYS are always added. With no key at all the signature is not
+    required and `bundle.signature` says whether the bundle was signed."""
     root = Path(root)
-    manifest = read_manifest(root)
+    raw = _manifest_bytes(root)
+    signature = check_signature(root, raw, resolve_trusted_keys(trusted_keys))
+    where = str(root / MANIFEST_NAME)
+    manifest = parse_manifest_bytes(raw, where)
+    validate_manifest(manifest, where)
     verify_files(root, manifest)
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, manifest_bytes=raw, signature=signature)

@@ -5,37 +5,96 @@ ImageOrientationPatient (row and column direction cosines) and ImagePositionPati
 slices sorted along the slice normal, so file names and order on disk do not matter.
 DICOM patient coordinates are LPS; the affine returned is RAS (NIfTI's convention).
 Voxel (i, j, k) is column i, row j of the k-th slice along the normal.
+
+The rule for what a folder holds: files that are not DICOM (a README, a thumbnail), hidden files
+and DICOM files without pixel data (structured reports, DICOMDIR) are skipped. Every other file
+is an image slice and must carry REQUIRED (ImagePositionPatient, ImageOrientationPatient,
+PixelSpacing, Rows, Columns, RescaleSlope, RescaleIntercept: all Type 1 in the CT Image IOD) with
+well-formed values, and pixel data of its declared size; a slice that does not is an InputError
+naming the file and what is wrong. Nothing is guessed: a missing RescaleIntercept read as 0 would
+put every voxel 1024 HU off, a slice without orientation cannot be placed.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .errors import InputError, require
+from .nifti_bounds import DEFAULT_MAX_VOXELS
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: attribute -> number of values every image slice must carry
+REQUIRED = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "Rows": 1, "Columns": 1,
+            "RescaleSlope": 1, "RescaleIntercept": 1}
+
+
+def _numbers(ds, path: Path, name: str, count: int) -> np.ndarray:
+    """The attribute's values as float64, exactly `count` finite numbers, or InputError naming the file."""
+    if name not in ds or ds.get(name) is None or ds.get(name) == "":
+        raise InputError(f"DICOM file {path}: no {name}; every image slice of a CT series needs it "
+                         "(nothing is guessed in its place)")
+    value = ds.get(name)
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]
+    try:
+        out = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"DICOM file {path}: {name} {value!r} is not numeric") from None
+    if out.size != count or not np.all(np.isfinite(out)):
+        raise InputError(f"DICOM file {path}: {name} {value!r} must be {count} finite number(s)")
+    return out
+
+
+def _geometry(ds, path: Path) -> dict:
+    g = {name: _numbers(ds, path, name, n) for name, n in REQUIRED.items()}
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise InputError(f"DICOM file {path}: a multi-frame image ({ds.NumberOfFrames} frames); one slice per file is read")
+    if g["Rows"][0] < 1 or g["Columns"][0] < 1 or np.any(g["PixelSpacing"] <= 0) or g["RescaleSlope"][0] == 0:
+        raise InputError(f"DICOM file {path}: Rows/Columns, PixelSpacing or RescaleSlope not positive")
+    row_dir, col_dir = g["ImageOrientationPatient"][:3], g["ImageOrientationPatient"][3:]
+    if not (abs(np.linalg.norm(row_dir) - 1) < 1e-3 and abs(np.linalg.norm(col_dir) - 1) < 1e-3
+            and abs(float(row_dir @ col_dir)) < 1e-3):
+        raise InputError(f"DICOM file {path}: ImageOrientationPatient {g['ImageOrientationPatient'].tolist()} is not "
+                         "two orthogonal unit vectors")
+    return g
 
 
 def _read_slices(folder: Path, pydicom):
+    from .atomic import is_temp_name
+
     slices = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and not is_temp_name(p.name)):
         try:
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             continue  # DICOMDIR-less folders often hold README or thumbnails
         except Exception as exc:  # truncated files raise various errors inside pydicom
-            raise InputError(f"DICOM file {path}: cannot be read ({exc})") from exc
-        if "PixelData" not in ds or "ImagePositionPatient" not in ds:
-            continue
-        slices.append((path, ds))
+            raise InputError(f"DICOM file {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+        if "PixelData" not in ds:
+            continue  # a DICOM object that is not an image (report, presentation state)
+        slices.append((path, ds, _geometry(ds, path)))
     return slices
 
 
-def read_dicom_series(folder: str | os.PathLike) -> nib.Nifti1Image:
-    """A float32 HU Nifti1Image in RAS world coordinates from one DICOM series in `folder`."""
+def _pixels(ds, path: Path, shape2d) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom: ValueError for short pixel data, others for odd encodings
+        raise InputError(f"DICOM file {path}: its pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
+                         "truncated or corrupt?") from exc
+    if pixels.shape != shape2d:
+        raise InputError(f"DICOM file {path}: pixel data of shape {pixels.shape}, Rows x Columns say {shape2d}")
+    return pixels
+
+
+def read_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
+    """A float32 HU Nifti1Image in RAS world coordinates from one DICOM series in `folder`
+    (see the module doc for what must be in it); more than `max_voxels` voxels are refused before
+    any pixel data is decoded."""
     pydicom = require("pydicom", extra="dicom", purpose="reading DICOM series")
     folder = Path(folder)
     if not folder.is_dir():
@@ -43,24 +102,32 @@ def read_dicom_series(folder: str | os.PathLike) -> nib.Nifti1Image:
     slices = _read_slices(folder, pydicom)
     if not slices:
         raise InputError(f"DICOM series {folder}: no DICOM image slices found")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds, _ in slices}
     if len(series) > 1:
         raise InputError(f"DICOM series {folder}: holds {len(series)} series; put each series in its own folder")
     if len(slices) < 2:
         raise InputError(f"DICOM series {folder}: only one slice; a CT volume needs at least two")
 
-    first = slices[0][1]
-    orient = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
+    first_path, _, first = slices[0]
+    orient = first["ImageOrientationPatient"]
     row_dir, col_dir = orient[:3], orient[3:]
     normal = np.cross(row_dir, col_dir)
-    shape2d = (int(first.Rows), int(first.Columns))
-    for path, ds in slices:
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], orient, atol=1e-4):
+    shape2d = (int(first["Rows"][0]), int(first["Columns"][0]))
+    for path, _, g in slices:
+        if not np.allclose(g["ImageOrientationPatient"], orient, atol=1e-4):
             raise InputError(f"DICOM file {path}: ImageOrientationPatient differs from the rest of the series")
-        if (int(ds.Rows), int(ds.Columns)) != shape2d:
-            raise InputError(f"DICOM file {path}: {ds.Rows}x{ds.Columns} pixels, the series has {shape2d[0]}x{shape2d[1]}")
+        if (int(g["Rows"][0]), int(g["Columns"][0])) != shape2d:
+            raise InputError(f"DICOM file {path}: {int(g['Rows'][0])}x{int(g['Columns'][0])} pixels, the series has "
+                             f"{shape2d[0]}x{shape2d[1]}")
+        if not np.allclose(g["PixelSpacing"], first["PixelSpacing"], rtol=1e-4):
+            raise InputError(f"DICOM file {path}: PixelSpacing {g['PixelSpacing'].tolist()} differs from "
+                             f"{first['PixelSpacing'].tolist()} of {first_path.name}")
+    voxels = shape2d[0] * shape2d[1] * len(slices)
+    if max_voxels is not None and voxels > max_voxels:
+        raise InputError(f"DICOM series {folder}: {shape2d[0]}x{shape2d[1]}x{len(slices)} = {voxels:,} voxels, more "
+                         f"than the limit of {max_voxels:,}")
 
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+    positions = np.array([g["ImagePositionPatient"] for _, _, g in slices])
     order = np.argsort(positions @ normal)
     positions = positions[order]
     steps = np.diff(positions @ normal)
@@ -70,13 +137,12 @@ def read_dicom_series(folder: str | os.PathLike) -> nib.Nifti1Image:
         raise InputError(f"DICOM series {folder}: slice spacing varies ({steps.min():.3f}-{steps.max():.3f} mm); "
                          "resample the series to uniform spacing first")
 
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)  # between rows, between columns
+    row_spacing, col_spacing = (float(v) for v in first["PixelSpacing"])  # between rows, between columns
     volume = np.empty((shape2d[1], shape2d[0], len(slices)), dtype=np.float32)  # (columns, rows, slices)
     for k, idx in enumerate(order):
-        path, ds = slices[idx]
-        slope = float(ds.get("RescaleSlope", 1.0))
-        intercept = float(ds.get("RescaleIntercept", 0.0))
-        pixels = ds.pixel_array.astype(np.float32) * slope + intercept
+        path, ds, g = slices[idx]
+        pixels = _pixels(ds, path, shape2d).astype(np.float32) * float(g["RescaleSlope"][0]) \
+            + float(g["RescaleIntercept"][0])
         volume[:, :, k] = pixels.T
 
     lps = np.eye(4)

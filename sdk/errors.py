@@ -22,6 +22,14 @@ class BackendError(RegionKDError):
     """An inference backend that cannot run here (unknown name, missing engine, wrong GPU)."""
 
 
+class OutputError(RegionKDError, OSError):
+    """A result (mask, preview, bundle, report) that cannot be written; the message names the file.
+    Also an OSError, so code that handles write failures as OSError keeps working."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "cannot write output"
+
+
 class MissingDependencyError(RegionKDError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
 

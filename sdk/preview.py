@@ -12,7 +12,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import require
-from .orientation import to_canonical
+from .orientation import slice_geometry, to_canonical
 from .preprocess import window_and_scale
 
 # RGB per label 1, 2, 3, ...; background is left transparent
@@ -23,10 +23,13 @@ def _display(slice_xy: np.ndarray) -> np.ndarray:
     return slice_xy.T[::-1, ::-1]
 
 
-def montage(hu: np.ndarray, mask: np.ndarray, affine, window, n_slices: int = 12, alpha: float = 0.45) -> np.ndarray:
-    """(H, W, 3) uint8 montage of up to `n_slices` axial slices of `hu` with `mask` overlaid."""
-    image = to_canonical(np.asarray(hu, dtype=np.float32), affine).data
-    labels = to_canonical(np.asarray(mask), affine).data
+def montage(hu: np.ndarray, mask: np.ndarray, affine, window, n_slices: int = 12, alpha: float = 0.45,
+            axial_axis: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 montage of up to `n_slices` axial slices of `hu` with `mask` overlaid, sliced
+    as the segmentation was (`axial_axis`: the voxel axis taken as axial, default the closest)."""
+    ornt = slice_geometry(affine, axial_axis).ornt
+    image = to_canonical(np.asarray(hu, dtype=np.float32), affine, ornt=ornt).data
+    labels = to_canonical(np.asarray(mask), affine, ornt=ornt).data
     z = image.shape[2]
     with_labels = np.flatnonzero(labels.reshape(-1, z).any(axis=0))
     candidates = with_labels if with_labels.size else np.arange(z)
@@ -50,9 +53,10 @@ def montage(hu: np.ndarray, mask: np.ndarray, affine, window, n_slices: int = 12
     return np.clip(sheet, 0, 255).astype(np.uint8)
 
 
-def write_preview(path: str | os.PathLike, hu: np.ndarray, mask: np.ndarray, affine, window, n_slices: int = 12) -> None:
+def write_preview(path: str | os.PathLike, hu: np.ndarray, mask: np.ndarray, affine, window, n_slices: int = 12,
+                  axial_axis: int | None = None) -> None:
     """Write the montage as PNG atomically."""
     pil = require("PIL.Image", purpose="--preview")
-    sheet = montage(hu, mask, affine, window, n_slices)
-    with atomic_path(path, suffix=".png") as tmp:
+    sheet = montage(hu, mask, affine, window, n_slices, axial_axis=axial_axis)
+    with atomic_path(path, suffix="") as tmp:
         pil.fromarray(sheet).save(tmp, format="PNG")

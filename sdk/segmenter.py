@@ -6,6 +6,13 @@ network size -> batched inference -> logits resized back -> argmax -> largest co
 per organ class (see `regionkd.sdk.postprocess`) -> mask back into the input's own voxel order,
 written as uint8 with the input's affine and qform/sform codes.
 
+Before any of that, the volume is checked (`regionkd.sdk.plausibility`): what is not a plausible
+CT in Hounsfield units, or whose axial plane is ambiguous, is refused with every reason named;
+`allow_implausible=True` segments it anyway and the reasons become `result.warnings`, which also
+carry the warnings that never refuse (obliquity above 15 degrees, spacing far from the training
+spacing). `result.obliquity_deg`, `result.axial_axis` and `result.spacing_mm` say how it was
+sliced, `result.bundle_signature` whether the bundle's signature was verified.
+
 Threads: one Segmenter may serve several threads. Nothing per volume is stored on the object, and
 a backend that is not thread-safe (TensorRT: one execution context and stream) is serialised with
 a lock, so concurrent calls are correct; for parallel GPU throughput create one Segmenter per
@@ -24,9 +31,12 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .mask_io import check_output_path, mask_image, write_mask
-from .orientation import to_canonical
+from .nifti_bounds import DEFAULT_MAX_VOXELS
+from .orientation import slice_geometry, to_canonical
+from .plausibility import Findings, check_geometry, check_header, check_intensities, check_spacing
 from .postprocess import keep_largest_components
 from .preprocess import logits_to_labels, preprocess_slices, slices_to_volume, volume_to_slices
+from .signing import resolve_trusted_keys
 from .timing import StageTimer
 from .volume_io import validate_image
 
@@ -39,6 +49,11 @@ class SegmentationResult:
     timings: dict                    # ms per stage: load, preprocess, inference, postprocess, write, total (+ gpu)
     class_names: list = field(default_factory=list)
     image: np.ndarray | None = None  # the input's HU voxels, kept only when segment_file(keep_image=True)
+    warnings: list = field(default_factory=list)   # what deserves a second look (see the module doc)
+    obliquity_deg: float = 0.0       # largest angle between a voxel axis and the world axis it is taken for
+    axial_axis: int = 2              # the input's voxel axis that was sliced as axial
+    spacing_mm: tuple = ()           # voxel size along the canonical (x, y, z) axes
+    bundle_signature: str = ""       # e.g. "signature verified (key ...)" or "unsigned (no trusted key configured)"
 
     @property
     def num_slices(self) -> int:
@@ -64,39 +79,79 @@ def organ_labels_of(preprocessing: dict, class_names) -> dict[int, int]:
     return {int(k): counts.get(int(k), 1) for k in preprocessing["largest_component_labels"]}
 
 
-def image_to_hu(image, name: str = "image") -> np.ndarray:
-    """float32 voxels of an in-memory nibabel image, validated like a file (3D, finite, usable affine)."""
+def image_to_hu(image, name: str = "image", complex_ok: bool = False) -> np.ndarray:
+    """float32 voxels of an in-memory nibabel image, validated like a file (3D, finite, usable affine;
+    complex voxels refused unless complex_ok, then their real part)."""
     if not isinstance(image, nib.spatialimages.SpatialImage):
         raise InputError(f"{name}: expected a nibabel image, got {type(image).__name__}")
     dataobj = image.dataobj
-    data = dataobj.get_scaled(np.float32) if hasattr(dataobj, "get_scaled") else np.asarray(dataobj, dtype=np.float32)
+    if np.dtype(image.get_data_dtype()).kind == "c":
+        if not complex_ok:
+            raise InputError(f"{name}: {image.get_data_dtype()} (complex) voxels; a CT volume is real-valued "
+                             "and the imaginary part would be dropped")
+        data = np.real(np.asanyarray(dataobj)).astype(np.float32)
+    else:
+        data = dataobj.get_scaled(np.float32) if hasattr(dataobj, "get_scaled") else np.asarray(dataobj, dtype=np.float32)
     return validate_image(data, image.affine, name)[0]
 
 
+def _verified_bundle(bundle, trusted_keys) -> Bundle:
+    """`bundle` (a path or a Bundle) loaded under the trusted keys given plus REGIONKD_TRUSTED_KEYS."""
+    keys = resolve_trusted_keys(trusted_keys)
+    if not isinstance(bundle, Bundle):
+        return load_bundle(bundle, trusted_keys=keys)
+    if keys and not (bundle.signature.verified and bundle.signature.key_id in {k.key_id for k in keys}):
+        return load_bundle(bundle.root, trusted_keys=keys)     # verify it now, from its files
+    return bundle
+
+
 class Segmenter:
-    """Segment CT volumes with a bundle. `backend`: auto | onnxruntime | tensorrt | tensorrt-rtx."""
+    """Segment CT volumes with a bundle. `backend`: auto | onnxruntime | tensorrt | tensorrt-rtx.
+
+    trusted_keys: public key files; with any (or REGIONKD_TRUSTED_KEYS set) only a bundle signed by
+    one of them is loaded. allow_implausible: segment implausible volumes with warnings instead of
+    refusing them. axial_axis: the input's voxel axis to slice as axial (default: the closest one).
+    max_voxels: larger volumes are refused before their data is read."""
 
     def __init__(self, bundle, backend: str = "auto", precision: str = "fp32", batch_size: int | None = None,
-                 threads: int | None = None, largest_component: bool = True):
+                 threads: int | None = None, largest_component: bool = True, trusted_keys=None,
+                 allow_implausible: bool = False, axial_axis: int | None = None,
+                 max_voxels: int | None = DEFAULT_MAX_VOXELS):
         from .backends import create_backend
 
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.backend = None
+        self.bundle = _verified_bundle(bundle, trusted_keys)
         prep = self.bundle.preprocessing
         organ_labels = organ_labels_of(prep, self.bundle.class_names)
         engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size)
-        self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size)
+        self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size,
+                    allow_implausible, axial_axis, max_voxels)
 
     @classmethod
-    def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None):
+    def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None,
+                     allow_implausible: bool = False, axial_axis: int | None = None,
+                     max_voxels: int | None = DEFAULT_MAX_VOXELS):
         """A Segmenter over any object with `run(batch)` (e.g. a PyTorch model adapter in regionkd-bench)."""
         self = cls.__new__(cls)
         self.bundle = None
         if organ_labels is None:
             organ_labels = organ_labels_of(preprocessing, class_names)
-        self._setup(backend, preprocessing, class_names, organ_labels, batch_size)
+        self._setup(backend, preprocessing, class_names, organ_labels, batch_size, allow_implausible, axial_axis,
+                    max_voxels)
         return self
 
-    def _setup(self, backend, preprocessing, class_names, organ_labels, batch_size):
+    @property
+    def bundle_signature(self) -> str:
+        return self.bundle.signature.describe() if self.bundle is not None else "no bundle"
+
+    def _setup(self, backend, preprocessing, class_names, organ_labels, batch_size, allow_implausible=False,
+               axial_axis=None, max_voxels=DEFAULT_MAX_VOXELS):
+        if axial_axis not in (None, 0, 1, 2):
+            raise InputError(f"axial_axis must be 0, 1 or 2 (a voxel axis of the input), got {axial_axis!r}")
+        self.allow_implausible = bool(allow_implausible)
+        self.axial_axis = axial_axis
+        self.max_voxels = max_voxels
+        self.trained_spacing = preprocessing.get("spacing")
         self.backend = backend
         self.window = [float(v) for v in preprocessing["window"]]
         self.input_size = tuple(int(v) for v in preprocessing["input_size"])
@@ -119,16 +174,30 @@ class Segmenter:
         with self._lock:
             return self.backend.run(batch)
 
-    def segment(self, image, name: str = "image") -> SegmentationResult:
+    def segment(self, image, name: str = "image", axial_axis: int | None = None) -> SegmentationResult:
         """Segment an in-memory nibabel image; the mask has the image's shape, voxel order and affine."""
         timer = StageTimer()
+        findings = Findings(name)
         with timer.stage("load"):
-            data = image_to_hu(image, name)
-        return self._segment_array(data, image.affine, image.header, timer, name)
+            dataobj = getattr(image, "dataobj", None)
+            check_header(findings, getattr(image, "header", None),
+                         (getattr(dataobj, "slope", None), getattr(dataobj, "inter", None)))
+            if not self.allow_implausible:
+                findings.settle(False)          # refused from the header alone: no voxel is read
+            data = image_to_hu(image, name, complex_ok=self.allow_implausible)
+        return self._segment_array(data, image.affine, image.header, timer, name, findings, axial_axis)
 
-    def _segment_array(self, data, affine, header, timer: StageTimer, name: str) -> SegmentationResult:
+    def _segment_array(self, data, affine, header, timer: StageTimer, name: str, findings: Findings | None = None,
+                       axial_axis: int | None = None) -> SegmentationResult:
+        findings = findings or Findings(name)
         with timer.stage("preprocess"):
-            canonical = to_canonical(data, affine)
+            # plausibility of the voxels and of the slicing (refused here unless allow_implausible)
+            geometry = slice_geometry(affine, self.axial_axis if axial_axis is None else axial_axis)
+            check_intensities(findings, data)
+            check_geometry(findings, geometry)
+            canonical = to_canonical(data, affine, ornt=geometry.ornt)    # views only
+            check_spacing(findings, canonical.spacing, self.trained_spacing)
+            warnings = findings.settle(self.allow_implausible)
             hu_slices = volume_to_slices(canonical.data)           # (z, x, y), a view
         z, x, y = hu_slices.shape
         labels = np.empty((z, x, y), dtype=np.uint8)
@@ -152,9 +221,13 @@ class Segmenter:
         timings["slices"] = z
         if gpu_ms is not None:
             timings["gpu"] = gpu_ms
-        return SegmentationResult(mask=mask, timings=timings, class_names=self.class_names)
+        return SegmentationResult(mask=mask, timings=timings, class_names=self.class_names, warnings=warnings,
+                                  obliquity_deg=round(geometry.obliquity_deg, 2), axial_axis=geometry.axial_axis,
+                                  spacing_mm=tuple(round(v, 4) for v in canonical.spacing),
+                                  bundle_signature=self.bundle_signature)
 
-    def segment_file(self, input_path, output_path, keep_image: bool = False) -> SegmentationResult:
+    def segment_file(self, input_path, output_path, keep_image: bool = False,
+                     axial_axis: int | None = None) -> SegmentationResult:
         """Read a NIfTI file (or a DICOM series folder), segment it, write the mask atomically.
         `keep_image` returns the input's HU voxels in `result.image` (e.g. for a preview) so that
         nothing has to read the file a second time."""
@@ -162,16 +235,21 @@ class Segmenter:
         if output_path.resolve() == input_path.resolve():
             raise InputError(f"output {output_path} is the input file; refusing to overwrite it")
         timer = StageTimer()
+        findings = Findings(str(input_path))
         with timer.stage("load"):
             if input_path.is_dir():
                 from .dicom_io import read_dicom_series
-                image = read_dicom_series(input_path)
+                image = read_dicom_series(input_path, max_voxels=self.max_voxels)
                 data, affine, header = image_to_hu(image, str(input_path)), image.affine, image.header
+                scaling = None
             else:
                 from .volume_io import read_nifti
-                vol = read_nifti(input_path, kind="image")
+                vol = read_nifti(input_path, kind="image", max_voxels=self.max_voxels,
+                                 complex_ok=self.allow_implausible)
                 data, affine, header = np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header
-        result = self._segment_array(data, affine, header, timer, str(input_path))
+                scaling = vol.scaling
+            check_header(findings, header, scaling)
+        result = self._segment_array(data, affine, header, timer, str(input_path), findings, axial_axis)
         if keep_image:
             result.image = data
         del data

@@ -19,6 +19,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import InputError
+from .nifti_bounds import DEFAULT_MAX_VOXELS, check_uncompressed, read_gzip_bounded
 from .orientation import CanonicalVolume, to_canonical
 
 KINDS = ("image", "label")
@@ -33,6 +34,8 @@ class NiftiVolume:
     affine: np.ndarray        # float64 4x4, voxel -> world (RAS mm)
     header: object            # nibabel header, kept to write masks with the same geometry
     kind: str = "image"
+    scaling: tuple = (None, None)   # (scl_slope, scl_inter) the voxels were scaled with (nibabel moves them
+                                    # from the header to the data proxy on reading), None when unscaled
     _canonical: CanonicalVolume | None = field(default=None, repr=False)
 
     @property
@@ -70,35 +73,22 @@ def _gzip_module():
         return gzip
 
 
-def _gz_errors() -> tuple:
-    try:
-        from isal.isal_zlib import error as isal_error
-        return (EOFError, OSError, zlib.error, ValueError, isal_error)
-    except ImportError:  # pragma: no cover
-        return (EOFError, OSError, zlib.error, ValueError)
-
-
-def _load_gzipped(path: Path):
-    """A .nii.gz decompressed whole in one call and parsed from memory: faster than nibabel's
-    streaming read (see `_gzip_module`), and a broken stream or non-NIfTI content is told
+def _load_gzipped(path: Path, max_voxels: int | None):
+    """A .nii.gz decompressed in memory and parsed from it: never past the size its header
+    declares (see `regionkd.sdk.nifti_bounds`), and a broken stream or non-NIfTI content is told
     apart here, from the same bytes."""
+    raw, layout = read_gzip_bounded(path, max_voxels)
     try:
-        raw = _gzip_module().decompress(path.read_bytes())
-    except _gz_errors() as exc:
-        raise InputError(f"{path}: truncated or corrupt gzip stream ({type(exc).__name__}: {exc})") from exc
-    sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")} if len(raw) >= 348 else set()
-    klass = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
-    if klass is None:
-        raise InputError(f"{path}: {_why_not_nifti(raw[:348])}")
-    try:
-        return klass.from_bytes(raw)
+        return layout.klass.from_bytes(raw)
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError) as exc:
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_image(path: Path):
+def _load_image(path: Path, max_voxels: int | None):
     if path.name.endswith(".gz") and path.is_file():
-        return _load_gzipped(path)
+        return _load_gzipped(path, max_voxels)
+    if path.name.endswith(".nii"):
+        check_uncompressed(path, max_voxels)      # declared size and limits, before nibabel maps anything
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
@@ -107,13 +97,20 @@ def _load_image(path: Path):
         raise InputError(f"{path}: unreadable or corrupt NIfTI header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    if max_voxels is not None and int(np.prod(img.shape, dtype=np.float64)) > max_voxels:
+        raise InputError(f"{path}: {'x'.join(map(str, img.shape))} voxels, more than the limit of {max_voxels:,}")
     return img
 
 
-def _read_voxels(img, path: Path, kind: str) -> np.ndarray:
+def _read_voxels(img, path: Path, kind: str, complex_ok: bool = False) -> np.ndarray:
     """Read all voxel data; truncated files and broken gzip streams fail here."""
     try:
         if kind == "image":
+            if img.get_data_dtype().kind == "c":
+                if not complex_ok:
+                    raise InputError(f"{path}: {img.get_data_dtype()} (complex) voxels; a CT volume is real-valued "
+                                     "and the imaginary part would be dropped")
+                return np.real(np.asanyarray(img.dataobj)).astype(np.float32)
             return img.get_fdata(dtype=np.float32)
         return np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
@@ -177,11 +174,15 @@ def validate_image(data: np.ndarray, affine, name) -> tuple[np.ndarray, np.ndarr
     return data, affine
 
 
-def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
+def read_nifti(path: str | os.PathLike, kind: str = "image", max_voxels: int | None = DEFAULT_MAX_VOXELS,
+               complex_ok: bool = False) -> NiftiVolume:
     """Read and validate a 3D NIfTI file (.nii or .nii.gz).
 
-    kind="image": voxels as float32 HU (scl_slope/inter applied), all finite.
+    kind="image": voxels as float32 HU (scl_slope/inter applied), all finite; complex voxels are
+    refused (complex_ok=True: their real part, for research use).
     kind="label": integer-valued voxels as an integer array (uint8 when they fit).
+    max_voxels: a header declaring more voxels is refused before anything is read (None: no limit);
+    the data must be exactly as long as the header declares (see `regionkd.sdk.nifti_bounds`).
     Raises InputError naming the file for anything that cannot be segmented as given.
     """
     if kind not in KINDS:
@@ -193,14 +194,15 @@ def read_nifti(path: str | os.PathLike, kind: str = "image") -> NiftiVolume:
         raise InputError(f"{path}: is a directory, not a NIfTI file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty (0 bytes)")
-    img = _load_image(path)
-    data = _read_voxels(img, path, kind)
+    img = _load_image(path, max_voxels)
+    data = _read_voxels(img, path, kind, complex_ok)
     if kind == "image":
         data, affine = validate_image(data, img.affine, path)
     else:
         data, affine = _check_shape(data, path), _check_affine(img.affine, path)
         data = _labels_as_integers(data, path)
-    return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind)
+    scaling = (getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None))
+    return NiftiVolume(path=path, data=data, affine=affine, header=img.header, kind=kind, scaling=scaling)
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
@@ -217,14 +219,19 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
 
 
 def save_nifti_atomic(img, path: str | os.PathLike) -> Path:
-    """nib.save through a temporary file with the same suffix (nibabel picks the format from
-    it), renamed into place: a failed write leaves no file at `path`."""
+    """Write a NIfTI image through a temporary file renamed into place: a failed write leaves no
+    file at `path`. The bytes are made here (gzip level 1 as nibabel does, with ISA-L when
+    installed: 3x faster for a mask), so the temporary name need not end in .nii/.nii.gz and is
+    never taken for an input (see `regionkd.sdk.atomic`)."""
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    with atomic_path(path, suffix=suffix) as tmp:
-        if suffix == ".nii.gz" and isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            # compress level 1 as nibabel does, with ISA-L when installed (3x faster for a mask)
-            Path(tmp).write_bytes(_gzip_module().compress(img.to_bytes(), compresslevel=1))
-        else:
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        with atomic_path(path, suffix=suffix) as tmp:     # nibabel picks the format from the suffix
             nib.save(img, str(tmp))
+        return path
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = _gzip_module().compress(data, compresslevel=1)
+    with atomic_path(path, suffix="") as tmp:
+        Path(tmp).write_bytes(data)
     return path

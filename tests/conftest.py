@@ -25,6 +25,8 @@ TINY_WEIGHTS = np.array([-10.0, 10.0, 0.0], dtype=np.float32)
 TINY_BIASES = np.array([-5.0, 0.0, 0.0], dtype=np.float32)
 
 AIR, FAT, LIVER, TUMOUR = -1000.0, -100.0, 80.0, 20.0
+EXACT_SIZE = (64, 32)          # exact_bundle's network size: the slices of make_phantom(EXACT_SHAPE)
+EXACT_SHAPE = (64, 32, 12)
 
 
 def expected_labels_from_hu(hu: np.ndarray) -> np.ndarray:
@@ -101,7 +103,8 @@ def build_tiny_bundle(root, input_size=(32, 32), max_batch=4, precisions=("fp32"
                   "params": 6, "gflops_per_slice": 0.0},
         "preprocessing": {"window": TINY_WINDOW, "input_size": list(input_size), "orientation": "RAS",
                           "slice_axis": "axial", "normalisation": {"type": "window-linear", "range": [-1, 1]},
-                          "largest_component_labels": list(largest_component_labels)},
+                          "largest_component_labels": list(largest_component_labels),
+                          "spacing": {"in_plane_mm": [0.6, 1.0], "slice_thickness_mm": [1.0, 5.0]}},
         "io": {"input": "image", "output": "logits", "max_batch": max_batch},
         "files": files,
         "metrics": {},
@@ -141,8 +144,9 @@ def tiny_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exact_bundle(tmp_path_factory):
-    """Like tiny_bundle but with the network size equal to the phantom's slices (no resize), fp32 only."""
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "exact.bundle", input_size=(40, 36),
+    """Like tiny_bundle but with the network size equal to the slices of make_phantom(EXACT_SHAPE)
+    (no resize), fp32 only."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "exact.bundle", input_size=EXACT_SIZE,
                              precisions=("fp32",))
 
 

@@ -139,3 +139,152 @@ def test_tensorrt_without_tensorrt_says_why(tiny_bundle, phantom_nifti, tmp_path
 def test_several_inputs_need_an_output_folder(tiny_bundle, phantom_nifti, tmp_path, capsys):
     code, _, err = run([tiny_bundle, phantom_nifti, phantom_nifti, "-o", tmp_path / "m.nii.gz"], capsys)
     assert code == 1 and "output folder" in err
+
+
+# ---------------------------------------------------------------- issue 12: one file never stops a batch
+
+def _huge_header(path, shape=(30000, 30000, 30000)):
+    import gzip
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = 352
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0\0\0\0"))
+    return path
+
+
+def test_a_header_claiming_huge_size_is_refused_and_the_folder_goes_on(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    _huge_header(folder / "a_huge.nii.gz")
+    shutil.copy(phantom_nifti, folder / "b_good.nii.gz")
+    out = tmp_path / "masks"
+    code, _, err = run([tiny_bundle, folder, "-o", out, "--backend", "onnxruntime"], capsys)
+    assert code == 1
+    (line,) = [l for l in err.splitlines() if l.startswith("error:")]
+    assert "a_huge.nii.gz" in line and "more than the limit of 2,147,483,648" in line
+    assert leftovers(out) == ["b_good.nii.gz"]
+    assert "1 of 2 volumes segmented, 1 failed" in err and "Traceback" not in err
+
+
+def test_any_exception_of_one_input_is_reported_and_the_run_goes_on(tiny_bundle, phantom_nifti, tmp_path, capsys,
+                                                                     monkeypatch):
+    from regionkd.sdk.segmenter import Segmenter
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        shutil.copy(phantom_nifti, folder / name)
+    real = Segmenter.segment_file
+    failures = {"a.nii.gz": MemoryError("Unable to allocate 6.5 GiB"), "b.nii.gz": KeyError("surprise")}
+
+    def flaky(self, path, out, **kw):
+        if path.name in failures:
+            raise failures[path.name]
+        return real(self, path, out, **kw)
+
+    monkeypatch.setattr(Segmenter, "segment_file", flaky)
+    code, _, err = run([tiny_bundle, folder, "-o", tmp_path / "masks", "--backend", "onnxruntime", "-q"], capsys)
+    assert code == 1
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert errors == [f"error: {folder / 'a.nii.gz'}: out of memory while segmenting it (Unable to allocate 6.5 GiB); "
+                      "try --max-voxels or a smaller volume",
+                      f"error: {folder / 'b.nii.gz'}: unexpected KeyError: 'surprise'"]
+    assert leftovers(tmp_path / "masks") == ["c.nii.gz"]
+    assert "1 of 3 volumes segmented, 2 failed" in err      # printed even with --quiet, since some failed
+
+
+def test_a_write_that_fails_names_the_file_being_written(tiny_bundle, phantom_nifti, tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse the write (EFBIG), as a full disk would (ENOSPC)
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+
+    out = tmp_path / "masks" / "mask.nii"           # 17 kB uncompressed: over the limit
+    proc = subprocess.run([sys.executable, "-c", "from regionkd.sdk.cli_segment import main; main()", str(tiny_bundle),
+                           str(phantom_nifti), "-o", str(out), "--backend", "onnxruntime", "-q"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert f"error: cannot write {out}: File too large" in proc.stderr
+    assert leftovers(out.parent) == []
+
+
+def test_an_output_for_one_input_must_be_a_nifti_name_or_an_existing_folder(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    code, _, err = run([tiny_bundle, phantom_nifti, "-o", tmp_path / "out" / "x.png", "--backend", "onnxruntime"], capsys)
+    assert code == 1 and "output" in err and "x.png" in err and ".nii or .nii.gz, or an existing folder" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "existing").mkdir()
+    code, _, _ = run([tiny_bundle, phantom_nifti, "-o", tmp_path / "existing", "--backend", "onnxruntime"], capsys)
+    assert code == 0 and leftovers(tmp_path / "existing") == ["phantom.nii.gz"]
+    # a folder of inputs still gets its output folder made
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    shutil.copy(phantom_nifti, folder / "one.nii.gz")
+    code, _, _ = run([tiny_bundle, folder, "-o", tmp_path / "new_masks", "--backend", "onnxruntime"], capsys)
+    assert code == 0 and leftovers(tmp_path / "new_masks") == ["one.nii.gz"]
+
+
+def test_temporary_files_of_a_killed_run_are_never_inputs_and_are_cleaned(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    masks = tmp_path / "scans"           # a folder a killed run was writing into
+    masks.mkdir()
+    shutil.copy(phantom_nifti, masks / "a.nii.gz")
+    half = (masks / "a.nii.gz").read_bytes()[:300]
+    script = (f"import os, signal\nfrom pathlib import Path\nfrom regionkd.sdk.atomic import atomic_path\n"
+              f"with atomic_path(Path({str(masks / 'b.nii.gz')!r})) as tmp:\n"
+              f"    tmp.write_bytes({half!r})\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    (masks / "._a.nii.gz").write_bytes(b"AppleDouble resource fork")      # copied from a Mac
+    assert len(leftovers(masks)) == 3
+    # a folder run over it: only a.nii.gz is an input
+    code, stdout, err = run([tiny_bundle, masks, "-o", tmp_path / "again", "--backend", "onnxruntime"], capsys)
+    assert code == 0, err
+    assert leftovers(tmp_path / "again") == ["a.nii.gz"] and "1 of 1 volumes segmented" in err
+    # a run writing into the folder removes the dead writer's temporary file
+    code, _, _ = run([tiny_bundle, phantom_nifti, "-o", masks / "c.nii.gz", "--backend", "onnxruntime"], capsys)
+    assert code == 0 and leftovers(masks) == ["._a.nii.gz", "a.nii.gz", "c.nii.gz"]
+    os.unlink(masks / "._a.nii.gz")
+
+
+def test_masks_and_previews_get_normal_permissions(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run([tiny_bundle, phantom_nifti, "-o", tmp_path / "m.nii.gz", "--backend", "onnxruntime",
+                          "--preview", tmp_path / "p.png"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0
+    assert {n: oct(stat.S_IMODE(os.stat(tmp_path / n).st_mode)) for n in ("m.nii.gz", "p.png")} == \
+        {"m.nii.gz": "0o644", "p.png": "0o644"}
+
+
+def test_warnings_reach_the_per_volume_line_and_quiet_output(tiny_bundle, tmp_path, capsys):
+    hu, affine = make_phantom()
+    affine = affine.copy()
+    affine[0, 0] = affine[1, 1] = 0.2
+    path = tmp_path / "fine.nii.gz"
+    img = nib.Nifti1Image(hu.astype(np.int16), affine)
+    img.header.set_qform(affine, code=1)
+    nib.save(img, str(path))
+    code, stdout, err = run([tiny_bundle, path, "-o", tmp_path / "m.nii.gz", "--backend", "onnxruntime"], capsys)
+    assert code == 0
+    (line,) = [l for l in stdout.splitlines() if "fine.nii.gz" in l]
+    assert "; warning: in-plane spacing 0.2 x 0.2 mm is far outside" in line
+    assert "1 of 1 volumes segmented, 1 with warnings" in err
+    code, stdout, err = run([tiny_bundle, path, "-o", tmp_path / "m.nii.gz", "--backend", "onnxruntime", "-q"], capsys)
+    assert code == 0 and stdout == ""
+    assert err.startswith(f"warning: {path}: in-plane spacing 0.2 x 0.2 mm is far outside")

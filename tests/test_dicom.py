@@ -114,3 +114,74 @@ def test_bad_series_are_refused(tmp_path):
     write_slice(tmp_path / "mixed" / "other", stored[0], [0, 0, 9], [1, 0, 0, 0, 1, 0], (1, 1), 1, 0, generate_uid(), 1)
     with pytest.raises(InputError, match="holds 2 series"):
         read_dicom_series(tmp_path / "mixed")
+
+
+# ---------------------------------------------------------------- issue 12: every bad slice is named
+
+def _series(folder, n=4):
+    stored = np.full((n, 6, 7), 1064, dtype=np.int16)
+    write_series(folder, stored, [1, 0, 0, 0, 1, 0], (0.8, 0.8), [0.0, 0.0, 0.0], [0, 0, 2.5])
+    return sorted(folder.iterdir())
+
+
+def _drop(attr):
+    def edit(path):
+        ds = pydicom.dcmread(path)
+        delattr(ds, attr)
+        ds.save_as(path)
+    return edit
+
+
+def _set(attr, value):
+    def edit(path):
+        ds = pydicom.dcmread(path)
+        setattr(ds, attr, value)
+        ds.save_as(path)
+    return edit
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 30])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("ImageOrientationPatient"), "no ImageOrientationPatient"),
+    (_drop("ImagePositionPatient"), "no ImagePositionPatient"),
+    (_drop("RescaleIntercept"), "no RescaleIntercept"),
+    (_drop("RescaleSlope"), "no RescaleSlope"),
+    (_drop("PixelSpacing"), "no PixelSpacing"),
+    (_truncate, "pixel data cannot be decoded"),
+    (_set("ImageOrientationPatient", [1, 0, 0, 0, 1]), r"ImageOrientationPatient .* must be 6 finite number"),
+    (_set("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "not two orthogonal unit vectors"),
+    (_set("PixelSpacing", [0.9, 0.9]), r"PixelSpacing \[0\.9, 0\.9\] differs"),
+    (_set("NumberOfFrames", 3), "multi-frame"),
+])
+def test_a_bad_slice_is_an_error_naming_its_file(tmp_path, edit, message):
+    files = _series(tmp_path / "ct")
+    victim = files[2]
+    edit(victim)
+    with pytest.raises(InputError, match=message) as err:
+        read_dicom_series(tmp_path / "ct")
+    assert str(victim) in str(err.value)
+
+
+def test_a_series_over_the_voxel_limit_is_refused_before_decoding(tmp_path):
+    _series(tmp_path / "ct")
+    with pytest.raises(InputError, match=r"6x7x4 = 168 voxels, more than the limit of 100"):
+        read_dicom_series(tmp_path / "ct", max_voxels=100)
+
+
+def test_a_bad_series_among_good_inputs_is_reported_and_the_rest_segmented(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    from conftest import run_main
+
+    files = _series(tmp_path / "bad_series")
+    _drop("RescaleIntercept")(files[1])
+    out = tmp_path / "masks"
+    code, _, err = run_main(main, [tiny_bundle, tmp_path / "bad_series", phantom_nifti, "-o", out,
+                                   "--backend", "onnxruntime"], capsys)
+    assert code == 1
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and str(files[1]) in errors[0] and "no RescaleIntercept" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["phantom.nii.gz"]
+    assert "1 of 2 volumes segmented, 1 failed" in err

@@ -318,3 +318,33 @@ def test_bundle_preprocessing_names_the_organ_components_of_the_task():
     liver = preprocessing_section({"task": "liver", "preprocessing": pre})
     assert liver["largest_component_labels"] == [1] and "largest_component_counts" not in liver
     assert preprocessing_section({"task": "kidney", "preprocessing": pre}, [])["largest_component_labels"] == []
+
+
+def test_a_killed_export_leaves_a_temporary_bundle_the_next_export_removes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from regionkd.export.bundle_writer import bundle_directory
+    from regionkd.sdk.atomic import is_temp_name
+
+    out = tmp_path / "model.bundle"
+    script = ("import os, signal\nfrom regionkd.export.bundle_writer import bundle_directory\n"
+              f"with bundle_directory({str(out)!r}) as tmp:\n"
+              "    (tmp / 'model.fp32.onnx').write_bytes(b'0' * 3_000_000)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == -signal.SIGKILL
+    (left,) = list(tmp_path.iterdir())
+    assert is_temp_name(left.name) and left.name.startswith(".model.bundle")
+    with bundle_directory(out) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bundle"]
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

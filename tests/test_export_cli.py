@@ -206,3 +206,26 @@ def test_max_dice_drop_zero_refuses_any_loss_and_writes_nothing(exported, data, 
     msg = capsys.readouterr().err
     assert "--max-dice-drop 0" in msg and any(f"'{cls}'" in msg for cls in losers)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_signs_with_sign_key_and_records_the_training_spacing(data, checkpoint, tmp_path, capsys):
+    from conftest import run_main
+
+    from regionkd.sdk.signing import generate_keypair
+    from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
+
+    key, pub, key_id = generate_keypair(tmp_path / "vendor")
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["preprocessing"]["spacing"] = {"in_plane_mm": [0.8, 0.9], "slice_thickness_mm": [2.5, 2.5]}
+    with_spacing = tmp_path / "spaced.pt"
+    save_checkpoint(with_spacing, ckpt)
+    out = tmp_path / "signed.bundle"
+    args = [with_spacing, "--out", out, "--precision", "fp32", "--val", data[1], "--engine", "never"]
+    code, stdout, _ = run_main(main, args + ["--sign-key", key], capsys)
+    assert code == 0 and f"(signed, key {key_id})" in stdout
+    bundle = load_bundle(out, trusted_keys=[pub])
+    assert bundle.signature.verified and bundle.signature.key_id == key_id
+    assert bundle.preprocessing["spacing"] == {"in_plane_mm": [0.8, 0.9], "slice_thickness_mm": [2.5, 2.5]}
+    # a key that is not a private key stops the export before any work, leaving nothing
+    code, _, err = run_main(main, args[:2] + [tmp_path / "never.bundle"] + args[3:] + ["--sign-key", pub], capsys)
+    assert code == 1 and "not a PEM private key" in err and not (tmp_path / "never.bundle").exists()

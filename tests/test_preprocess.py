@@ -85,3 +85,37 @@ def test_logits_to_labels_outside_the_foreground_box_and_on_empty_slices():
     fast = logits_to_labels(logits, (77, 90))
     np.testing.assert_array_equal(fast, dense.argmax(axis=1))
     assert (fast[2] == 0).all() and (fast[0] == 2).any() and (fast[1] == 2).any()
+
+
+def _layouts(volume):
+    """The same logical (x, y, z) array stored in every axis order, with every flip, in C and Fortran order."""
+    import itertools
+
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            stored = volume
+            for axis, flip in enumerate(flips):
+                if flip:
+                    stored = np.flip(stored, axis)
+            stored = np.transpose(stored, perm)
+            for order in ("C", "F"):
+                kept = np.array(stored, order=order)                    # what a file holds, in memory
+                view = np.transpose(kept, np.argsort(perm))             # back to the logical order, as a view
+                for axis, flip in enumerate(flips):
+                    if flip:
+                        view = np.flip(view, axis)
+                yield f"{perm}{flips}{order}", view
+
+
+@pytest.mark.parametrize("shape, size", [((48, 48, 5), (32, 32)), ((64, 64, 3), (64, 32)), ((40, 36, 4), (32, 32)),
+                                         ((30, 30, 3), (96, 96))])
+def test_network_input_is_bit_identical_for_every_memory_layout(shape, size):
+    # a square slice to a square size is the common CT case (512 -> 256) and was the one that differed
+    from regionkd.sdk.preprocess import preprocess_slices, volume_to_slices
+
+    hu = np.random.default_rng(7).normal(40, 300, shape).astype(np.float32)
+    reference = preprocess_slices(volume_to_slices(np.ascontiguousarray(hu)), (-60, 140), size)
+    for name, view in _layouts(hu):
+        assert np.array_equal(view, hu)
+        out = preprocess_slices(volume_to_slices(view), (-60, 140), size)
+        assert out.tobytes() == reference.tobytes(), name

@@ -7,7 +7,7 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import build_tiny_bundle, expected_labels_from_hu, make_phantom
+from conftest import EXACT_SHAPE, build_tiny_bundle, expected_labels_from_hu, make_phantom
 from nibabel import orientations as nio
 
 from regionkd.sdk.errors import InputError
@@ -35,7 +35,7 @@ def to_ras(img):
 
 
 def test_mask_is_the_hand_computed_threshold_without_resize(exact_bundle):
-    hu, affine = make_phantom(with_distractor=False)
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=False)
     with Segmenter(exact_bundle, backend="onnxruntime", largest_component=False) as seg:
         mask = np.asarray(seg.segment(ras_image(hu, affine)).mask.dataobj)
     expected = expected_labels_from_hu(hu)
@@ -44,8 +44,8 @@ def test_mask_is_the_hand_computed_threshold_without_resize(exact_bundle):
 
 
 def test_largest_component_removes_the_distractor_blob(exact_bundle):
-    hu, affine = make_phantom(with_distractor=True)
-    clean, _ = make_phantom(with_distractor=False)
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=True)
+    clean, _ = make_phantom(shape=EXACT_SHAPE, with_distractor=False)
     with Segmenter(exact_bundle, backend="onnxruntime") as seg:
         mask = np.asarray(seg.segment(ras_image(hu, affine)).mask.dataobj)
     with Segmenter(exact_bundle, backend="onnxruntime", largest_component=False) as seg:
@@ -117,11 +117,12 @@ def test_foreground_box_and_components_do_not_depend_on_memory_layout():
         assert np.array_equal(out, expected) and np.array_equal(stored, lab)       # input untouched
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_same_mask_in_physical_space_whatever_the_storage(tiny_bundle, layout):
+def test_same_mask_in_physical_space_whatever_the_storage(tiny_bundle, layout, precision):
     hu, affine = make_phantom()
     reference_img = ras_image(hu, affine)
-    with Segmenter(tiny_bundle, backend="onnxruntime") as seg:
+    with Segmenter(tiny_bundle, backend="onnxruntime", precision=precision) as seg:
         reference = np.asarray(seg.segment(reference_img).mask.dataobj)
         stored = stored_as(reference_img, LAYOUTS[layout])
         assert nib.aff2axcodes(stored.affine) == LAYOUTS[layout]
@@ -250,3 +251,53 @@ def test_segment_file_refuses_to_overwrite_its_input(tiny_bundle, phantom_nifti)
         with pytest.raises(InputError, match=r"\.nii or \.nii\.gz"):
             seg.segment_file(phantom_nifti, phantom_nifti.with_name("mask.png"))
     assert phantom_nifti.read_bytes() == before
+
+
+def _sensitive_bundle(root):
+    """A bundle whose model turns a 1-ulp change of its input into another label: logits
+    (sin(1e6 x), cos(1e6 x), -2). Any preprocessing that depends on memory layout shows up in its masks."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from regionkd.sdk.bundle import file_entry, write_manifest
+
+    root.mkdir(parents=True)
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 32, 32])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 32, 32])
+    inits = [numpy_helper.from_array(np.float32(1e6), "k"), numpy_helper.from_array(np.float32(0.0), "zero"),
+             numpy_helper.from_array(np.float32(-2.0), "low")]
+    nodes = [helper.make_node("Mul", ["image", "k"], ["kx"]), helper.make_node("Sin", ["kx"], ["s"]),
+             helper.make_node("Cos", ["kx"], ["c"]), helper.make_node("Mul", ["image", "zero"], ["z0"]),
+             helper.make_node("Add", ["z0", "low"], ["l"]),
+             helper.make_node("Concat", ["s", "c", "l"], ["logits"], axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "sensitive", [inp], [out], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(root / "model.fp32.onnx"))
+    write_manifest(root, {
+        "format_version": 1, "model": {"name": "sensitive", "class_names": ["background", "a", "b"]},
+        "preprocessing": {"window": [-60, 140], "input_size": [32, 32]}, "io": {"max_batch": 4},
+        "files": [file_entry(root / "model.fp32.onnx", root, format="onnx", precision="fp32",
+                             backends=["onnxruntime"])]})
+    return root
+
+
+def test_a_layout_sensitive_model_gives_the_same_mask_for_every_storage(tmp_path):
+    # 48 axis orders/flips, each in C and Fortran order; square slices resized to a square network
+    # size, where the pass order once depended on the strides (and int8 masks changed in 335 voxels)
+    import itertools
+
+    _, affine = make_phantom(shape=(48, 48, 6))
+    hu = np.random.default_rng(1).normal(40, 50, (48, 48, 6)).astype(np.float32)   # soft tissue and noise
+    reference_img = ras_image(hu, affine)
+    with Segmenter(_sensitive_bundle(tmp_path / "s.bundle"), backend="onnxruntime", largest_component=False) as seg:
+        reference = np.asarray(seg.segment(reference_img).mask.dataobj)
+        assert 0.2 < (reference == 1).mean() < 0.8                  # the model really is chaotic
+        for axcodes in itertools.product(*(("R", "L"), ("A", "P"), ("S", "I"))):
+            for perm in itertools.permutations(range(3)):
+                codes = tuple(axcodes[i] for i in perm)
+                stored = stored_as(reference_img, codes)
+                for order in ("C", "F"):
+                    data = np.array(np.asarray(stored.dataobj), order=order)
+                    mask = seg.segment(nib.Nifti1Image(data, stored.affine, stored.header)).mask
+                    assert np.array_equal(to_ras(mask), reference), (codes, order)

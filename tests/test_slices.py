@@ -125,3 +125,23 @@ def test_lesion_oversampling(cache):
     assert abs(frac - 0.5) < 0.04 and frac > natural + 0.1
     again = np.fromiter(iter(lesion_oversampling_sampler(ds, 0.5, 4000, seed=1)), dtype=np.int64)
     np.testing.assert_array_equal(picks, again)
+
+
+def test_the_training_spacing_goes_into_the_checkpoint(dataset, cache, tmp_path):
+    # the bundle's preprocessing.spacing, against which the SDK warns about inputs far from it
+    from regionkd.train.config import make_config
+    from regionkd.train.models import create_model
+    from regionkd.train.trainer import build_checkpoint
+
+    spacings = [cache.meta["cases"][c]["spacing"] for c in cache.case_ids]
+    expected = {"in_plane_mm": [round(min(s[k] for s in spacings for k in (0, 1)), 4),
+                                round(max(s[k] for s in spacings for k in (0, 1)), 4)],
+                "slice_thickness_mm": [round(min(s[2] for s in spacings), 4), round(max(s[2] for s in spacings), 4)]}
+    assert cache.spacing_range(cache.case_ids) == expected
+    assert cache.spacing_range([]) is None
+    cfg = make_config("student", "tinynet", dataset, tmp_path / "s.pt", preset="demo", input_size=64)
+    ckpt = build_checkpoint(cfg, create_model("tinynet", num_classes=3), ["background", "liver", "tumour"], "liver",
+                            [-60, 140], {}, {}, None, spacing=expected)
+    assert ckpt["preprocessing"]["spacing"] == expected
+    assert "spacing" not in build_checkpoint(cfg, create_model("tinynet", num_classes=3), ["bg", "liver", "tumour"],
+                                             "liver", [-60, 140], {}, {}, None)["preprocessing"]

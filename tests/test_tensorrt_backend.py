@@ -121,7 +121,7 @@ def test_rtx_unavailable_without_gpu_says_so():
 
 # ---------------------------------------------------------------------------- a real bundle
 
-def _conv_onnx(path, size=8, classes=3):
+def _conv_onnx(path, size=32, classes=3):
     """A one-Conv model with a dynamic batch, written with onnx.helper (weights known: all 1/9)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
@@ -144,7 +144,7 @@ def bundle(tmp_path):
     write_manifest(tmp_path, {
         "format_version": 1,
         "model": {"name": "conv", "arch": "conv", "num_classes": 3, "class_names": ["background", "liver", "tumour"]},
-        "preprocessing": {"window": [-60, 140], "input_size": [8, 8]}, "io": {"max_batch": 4},
+        "preprocessing": {"window": [-60, 140], "input_size": [32, 32]}, "io": {"max_batch": 4},
         "files": [file_entry(tmp_path / "model.fp32.onnx", tmp_path, format="onnx", precision="fp32",
                              flavour="reference", backends=["onnxruntime", "tensorrt"])]})
     return load_bundle(tmp_path)
@@ -192,7 +192,7 @@ def test_runs_on_gpu_with_dynamic_batch(bundle, rtx):
     from regionkd.sdk.backends.tensorrt_backend import create_tensorrt_backend
 
     # a 3x3 box filter of ones (zero padding): interior pixels 1, edges 6/9, corners 4/9
-    expected = np.full((3, 8, 8), 1.0, np.float32)
+    expected = np.full((3, 32, 32), 1.0, np.float32)
     expected[:, [0, -1], :] = 6 / 9
     expected[:, :, [0, -1]] = 6 / 9
     expected[:, [0, 0, -1, -1], [0, -1, 0, -1]] = 4 / 9
@@ -200,8 +200,8 @@ def test_runs_on_gpu_with_dynamic_batch(bundle, rtx):
     try:
         assert backend.max_batch == 4
         for n in (1, 4, 6):  # 6 = one full batch and one partial: set_input_shape per chunk
-            logits = backend.run(np.ones((n, 1, 8, 8), np.float32))
-            assert logits.shape == (n, 3, 8, 8)
+            logits = backend.run(np.ones((n, 1, 32, 32), np.float32))
+            assert logits.shape == (n, 3, 32, 32)
             np.testing.assert_allclose(logits, np.broadcast_to(expected, logits.shape), atol=1e-3)
             assert backend.last_gpu_ms > 0
     finally:

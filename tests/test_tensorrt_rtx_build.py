@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from regionkd.sdk.backends.engine_build import EngineBuildError, available_builders, build_engine  # noqa: E402
 from regionkd.sdk.backends.tensorrt_backend import short_version, tensorrt_available  # noqa: E402
 
-H = W = 16
+H = W = 32   # the manifest schema wants multiples of 32
 RTX_VERSION = short_version(trt.__version__)
 
 
@@ -155,7 +155,7 @@ def test_parser_refuses_int32_bias_dequantize(models, tmp_path):
 
 def test_fixed_batch_is_refused(tmp_path):
     path = _export(TinyNet(), tmp_path / "static.onnx", dynamic=False)
-    with pytest.raises(EngineBuildError, match=r"static\.onnx.*\(1, 1, 16, 16\).*dynamic batch"):
+    with pytest.raises(EngineBuildError, match=r"static\.onnx.*\(1, 1, 32, 32\).*dynamic batch"):
         build_engine(path, tmp_path, backend="tensorrt-rtx")
 
 

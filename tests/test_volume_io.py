@@ -137,3 +137,111 @@ def test_bad_inputs_raise_input_error_naming_the_file(tmp_path):
 def test_unknown_kind_is_a_programming_error(tmp_path):
     with pytest.raises(ValueError):
         read_nifti(tmp_path / "x.nii", kind="mask")
+
+
+# ---------------------------------------------------------------- issue 12: no file can exhaust memory
+
+def _header_only(path, shape, dtype=np.int16, compress=True):
+    """A NIfTI header declaring `shape` with no voxel data behind it."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0\0\0\0"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def _peak_bytes(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    except InputError as exc:
+        err = exc
+    else:  # pragma: no cover - reported by the caller
+        err = None
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return err, peak
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_header_declaring_too_many_voxels_is_refused_before_reading(tmp_path, compress):
+    p = _header_only(tmp_path / ("huge.nii.gz" if compress else "huge.nii"), (30000, 30000, 30000), compress=compress)
+    err, peak = _peak_bytes(lambda: read_nifti(p))
+    assert err is not None and "huge.nii" in str(err)
+    assert "27,000,000,000,000 voxels, more than the limit of 2,147,483,648" in str(err)
+    assert peak < 5e6
+
+
+def test_the_voxel_limit_is_configurable(tmp_path):
+    p = _save(tmp_path / "ct.nii.gz", np.zeros((8, 8, 8), np.int16))
+    with pytest.raises(InputError, match=r"ct\.nii\.gz: .*512 voxels, more than the limit of 100"):
+        read_nifti(p, max_voxels=100)
+    assert read_nifti(p, max_voxels=512).shape == (8, 8, 8)
+
+
+def test_a_tiny_gzip_claiming_a_gigavoxel_is_refused_without_allocating_it(tmp_path):
+    p = _header_only(tmp_path / "claims.nii.gz", (1024, 1024, 1024))
+    assert p.stat().st_size < 120
+    err, peak = _peak_bytes(lambda: read_nifti(p))
+    assert err is not None and "claims.nii.gz: truncated or corrupt voxel data: 352 bytes decompressed, " \
+        "the header declares 2,147,484,000" in str(err)
+    assert peak < 5e6
+
+
+def test_a_gzip_bomb_behind_a_small_header_stops_at_the_declared_size(tmp_path):
+    img = nib.Nifti1Image(np.zeros((16, 16, 8), np.int16), AFF)
+    p = tmp_path / "bomb.nii.gz"
+    with gzip.open(p, "wb", compresslevel=9) as fh:
+        fh.write(img.to_bytes())
+        zeros = bytes(1 << 24)
+        for _ in range(12):                  # 200 MB of zeros behind a 4 kB image
+            fh.write(zeros)
+    assert p.stat().st_size < 1_000_000
+    err, peak = _peak_bytes(lambda: read_nifti(p))
+    assert err is not None and "bomb.nii.gz" in str(err) and "holds more than the 4,448 bytes its header declares" in str(err)
+    assert peak < 20e6
+
+
+@pytest.mark.parametrize("name, cut, message", [
+    ("short.nii", -10, r"short\.nii: truncated or corrupt voxel data: 4,438 bytes, the header declares 4,448"),
+    ("long.nii", 5000, r"long\.nii: 5,000 bytes after the voxel data its header declares"),
+    ("short.nii.gz", -10, r"short\.nii\.gz: truncated or corrupt voxel data: 4,438 bytes decompressed"),
+    ("long.nii.gz", 5000, r"long\.nii\.gz: the gzip stream holds more than the 4,448 bytes"),
+])
+def test_data_longer_or_shorter_than_declared_is_refused(tmp_path, name, cut, message):
+    raw = nib.Nifti1Image(np.ones((16, 16, 8), np.int16), AFF).to_bytes()
+    raw = raw[:cut] if cut < 0 else raw + b"\0" * cut
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(InputError, match=message):
+        read_nifti(tmp_path / name)
+
+
+def test_concatenated_gzip_members_read_like_one(tmp_path):
+    data = np.arange(16 * 16 * 8, dtype=np.int16).reshape(16, 16, 8)
+    raw = nib.Nifti1Image(data, AFF).to_bytes()
+    (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    np.testing.assert_array_equal(read_nifti(tmp_path / "multi.nii.gz").data, data.astype(np.float32))
+
+
+def test_complex_voxels_are_refused_unless_asked_for(tmp_path):
+    data = (np.full((8, 8, 8), 40.0) + 1j * 500).astype(np.complex64)
+    p = _save(tmp_path / "complex.nii.gz", data)
+    with pytest.raises(InputError, match=r"complex\.nii\.gz: complex64 \(complex\) voxels; .*imaginary part"):
+        read_nifti(p)
+    np.testing.assert_array_equal(read_nifti(p, complex_ok=True).data, np.full((8, 8, 8), 40.0, np.float32))
+
+
+def test_a_vox_offset_inside_the_header_is_refused(tmp_path):
+    # nibabel would read the header bytes as voxels
+    raw = bytearray(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), AFF).to_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw)))
+    hdr["vox_offset"] = 0
+    raw[:348] = hdr.binaryblock
+    for name in ("zero.nii", "zero.nii.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+        with pytest.raises(InputError, match=r"vox_offset 0 puts the voxel data inside the header"):
+            read_nifti(tmp_path / name)

@@ -157,6 +157,7 @@ class RunData:
     slice_caches: list
     unlabelled_ds: object = None
     unlabelled_ids: list | None = None
+    spacing: dict | None = None     # voxel-size range of the training cases (the bundle's preprocessing.spacing)
 
 
 def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
@@ -189,7 +190,8 @@ def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
     val_ds = SliceDataset(cache, val_ids, augment=False) if val_ids else None
     if len(train_ds) == 0:
         raise InputError(f"--data {data_root}: the training cases hold no slices")
-    rd = RunData(ds.task, class_names, window, train_ids, train_ds, val_ds, [cache_dir])
+    rd = RunData(ds.task, class_names, window, train_ids, train_ds, val_ds, [cache_dir],
+                 spacing=cache.spacing_range(train_ids))
     if cfg.unlabelled:
         u_cache = SliceCache.open(u_dir)
         rd.unlabelled_ds = UnlabelledSliceDataset(u_cache, augment=cfg.augment_unlabelled)
@@ -372,7 +374,8 @@ class TrainingRun:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.use_amp else {}, "rng": rng_state()}
         save_checkpoint(self.out, build_checkpoint(self.cfg, self.net, self.data.class_names, self.data.task,
-                                                   self.data.window, state, self.metrics, self.t_ckpt))
+                                                   self.data.window, state, self.metrics, self.t_ckpt,
+                                                   spacing=self.data.spacing))
 
     def validation(self):
         val_ds = self.data.val_ds
@@ -480,11 +483,16 @@ def params_sha256(net: nn.Module) -> str:
 
 
 def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, window, train_state: dict,
-                     metrics: dict, t_ckpt: dict | None) -> dict:
+                     metrics: dict, t_ckpt: dict | None, spacing: dict | None = None) -> dict:
     teacher = None
     if t_ckpt is not None:
         teacher = {"path": str(Path(cfg.teacher).resolve()), "sha256": sha256_file(cfg.teacher), "arch": t_ckpt["arch"]}
     distilled = cfg.mode == "distill"
+    preprocessing = {"window": [float(v) for v in window], "input_size": [cfg.input_size, cfg.input_size],
+                     "orientation": "RAS", "slice_axis": "axial",
+                     "normalisation": {"type": "window-linear", "range": [-1, 1]}}
+    if spacing:   # voxel sizes of the training cases: the bundle's preprocessing.spacing
+        preprocessing["spacing"] = spacing
     return {
         "format": "regionkd-checkpoint/1",
         "arch": cfg.arch,
@@ -492,9 +500,7 @@ def build_checkpoint(cfg: TrainConfig, net: nn.Module, class_names, task: str, w
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "task": task,
-        "preprocessing": {"window": [float(v) for v in window], "input_size": [cfg.input_size, cfg.input_size],
-                          "orientation": "RAS", "slice_axis": "axial",
-                          "normalisation": {"type": "window-linear", "range": [-1, 1]}},
+        "preprocessing": preprocessing,
         "model_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "train_state": train_state,
         "provenance": {"teacher": teacher, "kd": list(cfg.kd) if distilled else [],

@@ -14,6 +14,7 @@ that GPU); TensorRT-RTX does not (its engine is portable across Ampere+ GPUs).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class EngineInfo:
     build_seconds: float
     max_batch: int = 16
     source: str = ""
+    sha256: str = ""          # of the plan as built (in memory), to check the file written against
 
     def manifest_fields(self) -> dict:
         """The fields of this engine's manifest entry (Bundle.register_file adds path, bytes, sha256)."""
@@ -105,9 +107,11 @@ def _make_logger(trt):
     return CollectingLogger()
 
 
-def _parse_onnx(parser, onnx_path: Path) -> None:
-    """parse_from_file, with every parser error turned into one message naming op and node."""
-    if parser.parse_from_file(str(onnx_path)):
+def _parse_onnx(parser, onnx_path: Path, onnx_bytes: bytes | None = None) -> None:
+    """parse_from_file (or parse of `onnx_bytes`, already verified against a manifest), with every
+    parser error turned into one message naming op and node."""
+    ok = parser.parse(onnx_bytes, str(onnx_path)) if onnx_bytes is not None else parser.parse_from_file(str(onnx_path))
+    if ok:
         return
     problems = []
     for i in range(parser.num_errors):
@@ -159,25 +163,30 @@ def _save_timing_cache(cache, cache_path: Path) -> None:
 
 
 def build_engine(onnx_path, engine_path, *, backend: str = "tensorrt", max_batch: int = 16,
-                 workspace_mb: int = 1024, timing_cache=None, precision: str | None = None) -> EngineInfo:
+                 workspace_mb: int = 1024, timing_cache=None, precision: str | None = None,
+                 onnx_bytes: bytes | None = None) -> EngineInfo:
     """Build a strongly typed engine from `onnx_path` and write it atomically.
 
+    `onnx_bytes`: the model's bytes when the caller has read and verified them (the SDK building from
+    a bundle): those bytes are parsed, not the file, which could have changed since.
     `engine_path`: a file ending in `.engine`, or a directory where the file gets `engine_filename(...)`.
     `timing_cache`: TensorRT only; default `<engine dir>/trt<version>-sm<cc>.timing-cache`, reused.
     `precision`: recorded in the name and manifest; by default read from the graph (Q/DQ, half tensors).
     Raises regionkd errors only: the bindings' own exceptions become EngineBuildError naming the file.
     """
     try:
-        return _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision)
+        return _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision,
+                             onnx_bytes)
     except (RegionKDError, OSError):
         raise
     except Exception as exc:  # TypeError/RuntimeError/ValueError from the bindings
         raise EngineBuildError(f"{onnx_path}: {backend} engine build failed: {exc}") from exc
 
 
-def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision) -> EngineInfo:
+def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timing_cache, precision,
+                  onnx_bytes=None) -> EngineInfo:
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
+    if onnx_bytes is None and not onnx_path.is_file():
         raise InputError(f"{onnx_path}: ONNX file not found")
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"unknown engine backend {backend!r}; choose one of {', '.join(BUILD_BACKENDS)}")
@@ -196,7 +205,7 @@ def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timi
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    _parse_onnx(parser, onnx_path)
+    _parse_onnx(parser, onnx_path, onnx_bytes)
     input_name, chw = _network_input(network, onnx_path)
     precision = precision or _graph_precision(trt, network)
 
@@ -223,12 +232,14 @@ def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timi
     if plan is None:
         detail = "; ".join(logger.errors) or "no detail from the builder"
         raise EngineBuildError(f"{onnx_path}: {backend} {version} could not build an engine: {detail}")
-    atomic_write_bytes(engine_path, bytes(memoryview(plan)))
+    plan_bytes = bytes(memoryview(plan))
+    atomic_write_bytes(engine_path, plan_bytes)
     if timing is not None:
         _save_timing_cache(timing, cache_path)
     log.info("built %s in %.1f s (%s %s, batch 1..%d)", engine_path, seconds, backend, version, max_batch)
     return EngineInfo(path=engine_path, backend=backend, trt_version=version, compute_capability=compute_capability,
-                      precision=precision, build_seconds=seconds, max_batch=int(max_batch), source=onnx_path.name)
+                      precision=precision, build_seconds=seconds, max_batch=int(max_batch), source=onnx_path.name,
+                      sha256=hashlib.sha256(plan_bytes).hexdigest())
 
 
 __all__ = ["EngineInfo", "EngineBuildError", "build_engine", "engine_filename", "available_builders",

@@ -1,13 +1,17 @@
 """onnxruntime backend: the CPU default everywhere, the CUDA execution provider where
 onnxruntime-gpu is installed. An InferenceSession's `run` is thread-safe, so one backend may
-serve several threads."""
+serve several threads.
+
+The session is made from the bytes `Bundle.read_verified` read and checked (never from the path,
+which could be swapped between the check and the load), and the model's declared input and
+output shapes are checked against the manifest before any volume is seen."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 
-from ..errors import BackendError, require
+from ..errors import BackendError, BundleError, require
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.model_path = bundle.path_of(entry)
         self.num_classes = bundle.num_classes
+        model_bytes = bundle.read_verified(entry)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -35,7 +40,7 @@ class OnnxRuntimeBackend:
         if "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BackendError(f"onnxruntime cannot load {self.model_path}: {exc}") from exc
         self.providers = self.session.get_providers()
@@ -43,7 +48,10 @@ class OnnxRuntimeBackend:
         io = bundle.manifest.get("io") or {}
         self.input_name = io.get("input") if io.get("input") in [i.name for i in inputs] else inputs[0].name
         self.output_name = io.get("output") if io.get("output") in [o.name for o in outputs] else outputs[0].name
-        fixed_batch = next(i.shape[0] for i in inputs if i.name == self.input_name)
+        in_shape = next(i.shape for i in inputs if i.name == self.input_name)
+        out_shape = next(o.shape for o in outputs if o.name == self.output_name)
+        _check_declared_shapes(self.model_path, in_shape, out_shape, bundle)
+        fixed_batch = in_shape[0]
         self.max_batch = int(batch_size or bundle.max_batch or DEFAULT_MAX_BATCH)
         if isinstance(fixed_batch, int) and fixed_batch > 0:
             self.max_batch = min(self.max_batch, fixed_batch)
@@ -71,3 +79,24 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def _check_declared_shapes(path, in_shape, out_shape, bundle) -> None:
+    """The model's declared (N, 1, H, W) input and (N, C, H, W) output against the manifest's
+    input_size and class count (dimensions left symbolic in the graph are not checked here)."""
+    size = [int(v) for v in bundle.preprocessing["input_size"]]
+
+    def fixed(dim):
+        return isinstance(dim, int) and dim > 0
+
+    if len(in_shape) != 4 or len(out_shape) != 4:
+        raise BundleError(f"{path}: input {in_shape} / output {out_shape} are not 4D (n, c, H, W)")
+    if fixed(in_shape[1]) and in_shape[1] != 1:
+        raise BundleError(f"{path}: the model takes {in_shape[1]} channels, a CT slice has 1")
+    hw = in_shape[2:]
+    if all(fixed(d) for d in hw) and list(hw) != size:
+        raise BundleError(f"{path}: the model takes {hw[0]}x{hw[1]} slices, the manifest's "
+                          f"preprocessing.input_size says {size[0]}x{size[1]}")
+    if fixed(out_shape[1]) and out_shape[1] != bundle.num_classes:
+        raise BundleError(f"{path}: the model outputs {out_shape[1]} classes, the manifest names "
+                          f"{bundle.num_classes} ({', '.join(bundle.class_names)})")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..errors import BackendError, MissingDependencyError, RegionKDError, require
+from ..errors import BackendError, BundleError, MissingDependencyError, RegionKDError, require
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,22 @@ def resolve_engine(bundle, backend: str, precision: str, trt_version: str, compu
     onnx_entry = source_onnx(bundle.files, backend, precision)
     log.info("%s: no engine for %s here; building one from %s", backend, precision, onnx_entry["path"])
     info = builder.build_engine(bundle.path_of(onnx_entry), bundle.root / "engines", backend=backend,
-                                max_batch=int(bundle.max_batch or DEFAULT_MAX_BATCH), precision=precision)
+                                max_batch=int(bundle.max_batch or DEFAULT_MAX_BATCH), precision=precision,
+                                onnx_bytes=bundle.read_verified(onnx_entry))
     fields = info.manifest_fields()
     fields["source"] = onnx_entry["path"]
+    if bundle.signature.verified:
+        log.warning("%s: built %s from the signed %s; it is not recorded in the signed manifest, so it is "
+                    "rebuilt at every start (ship engines in the bundle, or sign it again after building)",
+                    backend, info.path, onnx_entry["path"])
     try:
-        return bundle.register_file(info.path, **fields)
+        entry = bundle.register_file(info.path, **fields)
     except OSError as exc:
         raise BackendError(f"built {info.path} but cannot record it in the bundle {bundle.root} ({exc}); "
                            "make the bundle directory writable") from exc
+    if info.sha256 and entry["sha256"] != info.sha256:
+        raise BundleError(f"{info.path}: the engine file changed right after it was built; refusing to run it")
+    return entry
 
 
 # ---------------------------------------------------------------------------- runtime
@@ -255,7 +263,11 @@ class TensorRTBackend:
         self.compute_capability = cc
         entry = resolve_engine(bundle, self.name, precision, self.trt_version, None if rtx else cc)
         self.model_path = bundle.path_of(entry)
-        blob = self.model_path.read_bytes()
+        blob = bundle.read_verified(entry)           # the bytes checked against the manifest are the bytes run
+        # a runtime cache holds compiled kernels and is not covered by the manifest: with a verified
+        # signature, none is read from (or written to) the bundle
+        self._use_runtime_cache = not bundle.signature.verified
+        self._input_size = tuple(int(v) for v in bundle.preprocessing["input_size"])
         cuda.init()
         self._cuda_context = cuda.Device(0).retain_primary_context()
         self._cuda_context.push()
@@ -279,7 +291,7 @@ class TensorRTBackend:
         if self._engine is None:
             raise BackendError(f"{self.model_path}: {self.name} {self.trt_version} could not deserialize this "
                                f"engine (built by another TensorRT version or for another GPU?)")
-        if rtx:
+        if rtx and self._use_runtime_cache:
             self._cache_path = _rtx_runtime_cache_path(self.model_path, self.compute_capability)
             self._context, self._runtime_config, self._cache = _rtx_open_context(self._engine, self._cache_path)
         else:
@@ -297,6 +309,9 @@ class TensorRTBackend:
         out_shape = tuple(engine.get_tensor_shape(self._output))
         self.max_batch = min(int(batch_size or profile_max[0]), int(profile_max[0]))
         self.input_hw = tuple(int(v) for v in in_shape[2:])
+        if all(v > 0 for v in self.input_hw) and self.input_hw != self._input_size:
+            raise BundleError(f"{self.model_path}: the engine takes {self.input_hw[0]}x{self.input_hw[1]} slices, "
+                              f"the manifest's preprocessing.input_size says {self._input_size[0]}x{self._input_size[1]}")
         self.num_classes = int(out_shape[1])
         if self.num_classes != num_classes:
             raise BackendError(f"{self.model_path}: engine has {self.num_classes} output channels, "

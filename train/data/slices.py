@@ -73,6 +73,18 @@ class SliceCache:
     def input_size(self) -> tuple[int, int]:
         return tuple(self.meta["input_size"])
 
+    def spacing_range(self, case_ids) -> dict | None:
+        """{"in_plane_mm": [min, max], "slice_thickness_mm": [min, max]} over these cases' canonical
+        voxel sizes (what the model is trained at; the bundle records it for the SDK's spacing check)."""
+        spacings = [self.meta["cases"][c].get("spacing") for c in case_ids if c in self.meta["cases"]]
+        spacings = [s for s in spacings if s and len(s) == 3]
+        if not spacings:
+            return None
+        in_plane = [v for s in spacings for v in s[:2]]
+        thickness = [s[2] for s in spacings]
+        return {"in_plane_mm": [round(min(in_plane), 4), round(max(in_plane), 4)],
+                "slice_thickness_mm": [round(min(thickness), 4), round(max(thickness), 4)]}
+
     def num_slices(self, case_id: str) -> int:
         return int(self.meta["cases"][case_id]["num_slices"])
 
