@@ -62,6 +62,7 @@ class Arm:
     labelled: int | None = None
     unlabelled: bool = False
     augment_unlabelled: bool = True
+    kd_on: str = "all"                # or "unlabelled": the distillation terms on the unlabelled slices only
     baseline: str | None = "alone"
 
     @property
@@ -78,6 +79,7 @@ class Arm:
     def data(self) -> str:
         lab = "all" if self.labelled is None else str(self.labelled)
         return f"{lab} labelled" + (" + unlabelled" + ("" if self.augment_unlabelled else " (no aug.)")
+                                    + (" (KD on them only)" if self.kd_on == "unlabelled" else "")
                                     if self.unlabelled else "")
 
 
@@ -103,6 +105,8 @@ ARMS = {a.name: a for a in (
     _ul("ul-L3-noaug", 3, "alone-L3", augment_unlabelled=False),
     _ul("ul-L3-paper", 3, "alone-L3", kd="pmd+imd+rad", alpha=1.0, beta1=0.9, beta2=0.9),
     _ul("ul-all-classes", None, "alone", pmd_balance="classes"),
+    _ul("ul-all-uonly", None, "alone", kd_on="unlabelled"),
+    _ul("ul-L3-uonly", 3, "alone-L3", kd_on="unlabelled"),
     Arm("pmd-T1", "weighted", kd="pmd", alpha=1.0, temperature=1.0),
     Arm("pmd-T2", "weighted", kd="pmd", alpha=1.0, temperature=2.0),
     Arm("pmd-classes", "weighted", kd="pmd", alpha=1.0, temperature=1.0, pmd_balance="classes"),
@@ -257,6 +261,7 @@ class Runner:
                               temperature=arm.temperature, pmd_balance=arm.pmd_balance,
                               unlabelled=str(self.unlabelled) if arm.unlabelled else None,
                               unlabelled_batch=self.p.unlabelled_batch, augment_unlabelled=arm.augment_unlabelled,
+                              kd_on=arm.kd_on,
                               teacher_cache=str(self.teacher_cache), **extra)
         self._train(cfg)
         return ckpt

@@ -146,6 +146,41 @@ def test_distill_with_unlabelled_scans_never_reads_a_label(teacher_ckpt, data, u
     assert 0 < sum(k.split("/")[0] in tags for k in keys) <= 3 * 2
 
 
+def test_kd_on_unlabelled_slices_only(teacher_ckpt, data, unlabelled, cache, tmp_path):
+    """--kd-on unlabelled: the teacher sees only the unlabelled slices (the cache holds nothing
+    else) and the distillation terms are computed on them alone."""
+    from regionkd.train.data.slices import SliceCache
+    from regionkd.train.teacher_cache import case_tag
+
+    s = train(make_config("distill", "tinynet", data, tmp_path / "u.pt", teacher=str(teacher_ckpt), cache_dir=cache,
+                          unlabelled=str(unlabelled), unlabelled_batch=2, kd="pmd,rad", kd_on="unlabelled",
+                          teacher_cache=str(tmp_path / "tc"), **TINY))
+    assert s["teacher_cache"]["items_read"] == 3 * 2                 # 3 steps x 2 unlabelled slices
+    u_cache = SliceCache.open(f"{cache}-unlabelled")
+    tags = {case_tag(u_cache, cid) for cid in u_cache.case_ids}
+    entry = next(p for p in (tmp_path / "tc").iterdir() if p.is_dir())
+    keys = [k for c in entry.glob("chunk-*") for k in json.loads((c / "items.json").read_text())]
+    assert keys and all(k.split("/")[0] in tags for k in keys)
+    assert all(r["pmd"] is not None and r["rad"] is not None for r in step_losses(tmp_path / "u.pt"))
+    with pytest.raises(InputError, match="needs --unlabelled"):
+        make_config("distill", "tinynet", data, tmp_path / "x.pt", teacher="t.pt", kd_on="unlabelled", preset="demo")
+
+
+def test_kd_rows_select_the_slices_the_terms_see():
+    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd", preset="demo")
+    torch.manual_seed(1)
+    s_logits, labels = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3, 8, 8))
+    feats = {"low": torch.randn(3, 4, 4, 4), "high": torch.randn(3, 4, 2, 2)}
+    labels[1:] = IGNORE_LABEL
+    t_logits = torch.randn(2, 3, 8, 8)
+    targets = teacher_targets(type("T", (torch.nn.Module,), {"forward_features": lambda self, x: (
+        t_logits, {"low": torch.randn(2, 5, 4, 4), "high": torch.randn(2, 5, 2, 2)})})(),
+        torch.zeros(2, 1, 8, 8), labels[1:], 3)
+    terms = DistillLoss(cfg, 3, distill=True)(s_logits, feats, labels, targets, kd_rows=torch.tensor([False, True, True]))
+    assert terms["pmd"].item() == pytest.approx(L.pmd_loss(s_logits[1:], t_logits, 4.0).item())
+    assert terms["seg"].item() == pytest.approx(L.segmentation_loss(s_logits[:1], labels[:1]).item())
+
+
 def test_seg_loss_uses_only_labelled_slices_and_kd_all():
     cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd,rad", preset="demo")
     torch.manual_seed(0)

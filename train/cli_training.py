@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import FEATURE_LEVELS, KD_TERMS, PMD_BALANCES, PRESETS
+from .config import FEATURE_LEVELS, KD_ON, KD_TERMS, PMD_BALANCES, PRESETS
 
 PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                                  ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))
@@ -103,6 +103,9 @@ def student(arch, labelled_cases, **opts):
                    "(RAD takes its regions from the teacher's prediction there).")
 @click.option("--unlabelled-batch", type=click.IntRange(1), help="Unlabelled slices per step (default: --batch-size).")
 @click.option("--no-augment-unlabelled", is_flag=True, help="Feed the unlabelled slices without flips, rotations and jitter.")
+@click.option("--kd-on", type=click.Choice(KD_ON), default="all", show_default=True,
+              help="Slices the distillation terms apply to: all of a step's, or only the unlabelled ones (the "
+                   "labelled slices then learn from the ground truth alone, and the teacher never sees them).")
 @click.option("--labelled-cases", type=click.IntRange(1),
               help="Use only this many of the training split's labelled cases (a fixed subset, the same for every "
                    "seed): the setting of a few annotated scans and many unannotated ones.")
@@ -111,13 +114,13 @@ def student(arch, labelled_cases, **opts):
                    "the same teacher, data, seed and batch plan (any student, KD terms or weights): a distillation "
                    "step then costs about what a plain student step costs.")
 def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, pmd_balance, unlabelled,
-            unlabelled_batch, no_augment_unlabelled, labelled_cases, teacher_cache, **opts):
+            unlabelled_batch, no_augment_unlabelled, kd_on, labelled_cases, teacher_cache, **opts):
     """Train a student with region-aware distillation from a frozen teacher:
     L = L_seg + alpha*PMD + beta1*IMD + beta2*RAD."""
     _run("distill", arch, opts, teacher=str(teacher_ckpt), kd=kd, kd_levels=kd_levels, alpha=alpha, beta1=beta1,
          beta2=beta2, temperature=temperature, pmd_balance=pmd_balance,
          unlabelled=str(unlabelled) if unlabelled else None, unlabelled_batch=unlabelled_batch,
-         augment_unlabelled=not no_augment_unlabelled, labelled_cases=labelled_cases,
+         augment_unlabelled=not no_augment_unlabelled, kd_on=kd_on, labelled_cases=labelled_cases,
          teacher_cache=str(teacher_cache) if teacher_cache else None)
 
 

@@ -16,6 +16,7 @@ from regionkd.sdk.errors import InputError
 
 KD_TERMS = ("pmd", "imd", "rad")
 PMD_BALANCES = ("pixels", "classes")
+KD_ON = ("all", "unlabelled")
 FEATURE_LEVELS = ("low", "high")
 MODES = ("teacher", "student", "distill")
 # options where None is a value of its own (no limit / none), not "unset"
@@ -37,7 +38,7 @@ PRESET_MODE_OVERRIDES: dict[tuple[str, str], dict] = {
 RESUME_IDENTITY = ("mode", "arch", "input_size", "batch_size", "lr", "seed", "kd", "kd_levels", "alpha",
                    "beta1", "beta2", "temperature", "epochs", "max_steps", "samples_per_epoch", "lesion_fraction",
                    "val_fraction", "split_seed", "teacher", "pmd_balance", "unlabelled", "unlabelled_batch",
-                   "augment_unlabelled", "labelled_cases", "augment")
+                   "augment_unlabelled", "labelled_cases", "augment", "kd_on")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     unlabelled: str | None = None  # folder of CT images without labels: distillation terms only (distill only)
     unlabelled_batch: int | None = None  # unlabelled slices per step (default: batch_size)
     augment_unlabelled: bool = True
+    kd_on: str = "all"             # "all" slices of a step, or only the "unlabelled" ones (labelled: ground truth only)
     labelled_cases: int | None = None  # train on only this many of the training split's cases (a fixed subset)
     preset: str = "paper"
     epochs: int = 30
@@ -98,6 +100,10 @@ class TrainConfig:
             raise InputError("distill needs at least one --kd term (use `student` for no distillation)")
         if self.pmd_balance not in PMD_BALANCES:
             raise InputError(f"--pmd-balance must be one of {', '.join(PMD_BALANCES)}, got {self.pmd_balance!r}")
+        if self.kd_on not in KD_ON:
+            raise InputError(f"--kd-on must be one of {', '.join(KD_ON)}, got {self.kd_on!r}")
+        if self.kd_on == "unlabelled" and not self.unlabelled:
+            raise InputError("--kd-on unlabelled needs --unlabelled images")
         if self.mode != "distill":
             given = [f"--{n.replace('_', '-')}" for n in ("teacher_cache", "unlabelled") if getattr(self, n)]
             if given:

@@ -82,13 +82,18 @@ class DistillLoss:
         self.cfg, self.num_classes = cfg, num_classes
         self.kd = set(cfg.kd) if distill else set()
 
-    def __call__(self, s_logits, s_feats, labels, teacher: TeacherTargets | None = None) -> dict:
+    def __call__(self, s_logits, s_feats, labels, teacher: TeacherTargets | None = None, kd_rows=None) -> dict:
+        """`kd_rows` (bool per slice; default all): the slices the distillation terms apply to,
+        `teacher` holding one row per such slice."""
         cfg = self.cfg
         labelled = labels[:, 0, 0] != IGNORE_LABEL
         seg = L.segmentation_loss(s_logits[labelled].float(), labels[labelled]) if bool(labelled.any()) else None
         terms = {"seg": seg, "pmd": None, "imd": None, "rad": None}
         total = seg if seg is not None else s_logits.sum() * 0.0
         if self.kd:
+            if kd_rows is not None:
+                s_logits, labels = s_logits[kd_rows], labels[kd_rows]
+                s_feats = {lv: f[kd_rows] for lv, f in s_feats.items()}
             if "pmd" in self.kd:
                 terms["pmd"] = L.pmd_loss(s_logits.float(), teacher.logits, temperature=cfg.temperature,
                                           balance=cfg.pmd_balance)

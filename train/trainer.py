@@ -271,7 +271,11 @@ class TeacherSide:
 # ----------------------------------------------------------------------------- the run
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    old = ckpt.get("config", {})
+    import dataclasses
+
+    # an option the checkpoint does not record is one added since: it ran with that option's default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    old = {k: ckpt.get("config", {}).get(k, defaults.get(k)) for k in RESUME_IDENTITY}
     new = cfg.to_flat_dict()
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_IDENTITY if old.get(k) != new.get(k)]
     if diff:
@@ -385,12 +389,22 @@ class TrainingRun:
         self.log.write(event="epoch", epoch=self.epoch, step=self.step, val_dice=dice)
         self.metrics = {"val": dice, "epoch": self.epoch, "step": self.step}
 
+    def kd_items(self, items) -> list[bool]:
+        """Which slices of a step the distillation terms apply to."""
+        from .sampling import UNLABELLED
+
+        return [self.cfg.kd_on == "all" or src == UNLABELLED for src, _, _ in items]
+
     def train_step(self, images, labels, items) -> dict:
         cfg, proc = self.cfg, self.proc
-        targets = self.teacher_side.targets(items) if self.teacher_side is not None else None
+        targets, kd_rows = None, None
+        if self.teacher_side is not None:
+            mask = self.kd_items(items)
+            targets = self.teacher_side.targets([it for it, m in zip(items, mask) if m])
+            kd_rows = None if all(mask) else torch.tensor(mask, device=proc.device)
         with autocast(proc, cfg):
             s_logits, s_feats = self.model(images)
-        terms = self.loss_fn(s_logits, s_feats, labels, targets)
+        terms = self.loss_fn(s_logits, s_feats, labels, targets, kd_rows=kd_rows)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer)
@@ -419,7 +433,9 @@ class TrainingRun:
             batches = self.batches(self.epoch)[self.in_epoch:]
             if self.teacher_side is not None and self.teacher_side.cache is not None:
                 orientations = [ors.tolist() for _, _, ors in self.loader(self.epoch, batches)]
-                record = self.teacher_side.prepare_epoch(self.epoch, batches, orientations)
+                kd_batches = [[key for key, m in zip(b, self.kd_items(b)) if m] for b in batches]
+                kd_orients = [[o for o, m in zip(ors, self.kd_items(b)) if m] for b, ors in zip(batches, orientations)]
+                record = self.teacher_side.prepare_epoch(self.epoch, kd_batches, kd_orients)
                 if record:
                     self.log.write(**record)
             self.model.train()
