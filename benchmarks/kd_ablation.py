@@ -160,16 +160,16 @@ PRESETS = {
     "cpu": Preset(tasks=("liver", "kidney"), cases=40, test_cases=100, unlabelled_cases=80, shape=(96, 96, 32),
                   input_size=96, batch_size=8, samples_per_epoch=400, student_steps=1000, teacher_steps=1500,
                   min_lesion_mm=20.0, lesion_contrast=2.0,
-                  # in the order the runs are made (most important first), so that a partial run still answers
-                  plan=_plan((("mobilenetv2",), ("alone", "ul-all"), S3),
-                             (("mobilenetv2",), ("alone-L3", "ul-L3", "alone-L10", "ul-L10"), S3),
-                             (("mobilenetv2",), ("paper", "pmd"), S3),
-                             (("mobilenetv2",), ("imd", "rad"), (0, 1)),
-                             (("enet",), ("alone", "ul-all"), S3),
-                             (("mobilenetv2",), ("alone", "ul-all", "alone-L3", "ul-L3"), (3, 4)),
-                             (("mobilenetv2",), ("pmd-classes", "ul-L3-T4", "ul-L3-paper", "ul-L3-noaug"), S3),
-                             (("mobilenetv2-s2",), ("alone", "ul-all"), S3),
-                             (("enet",), ("alone-L3", "ul-L3"), S3))),
+                  # in the order the runs are made: every arm with seed 0 first (a paired comparison on 100 test
+                  # cases resolves about 0.02 with one seed a side), then more seeds where it matters
+                  plan=_plan((("mobilenetv2",), ("alone",), S3),
+                             (("mobilenetv2",), ("ul-all", "alone-L3", "ul-L3", "paper", "pmd-classes",
+                                                 "ul-all-classes"), (0,)),
+                             (("mobilenetv2-s2",), ("alone", "ul-all"), (0,)),
+                             (("mobilenetv2",), ("pmd", "imd", "rad", "alone-L10", "ul-L10", "pmd-T1"), (0,)),
+                             (("enet",), ("alone", "ul-all"), (0,)),
+                             (("mobilenetv2",), ("ul-all", "alone-L3", "ul-L3", "paper", "pmd-classes",
+                                                 "ul-all-classes"), (1, 2)))),
     # the paper's sizes (384x384 slices, batch 16), for a GPU
     "paper": Preset(tasks=("liver", "kidney"), cases=60, test_cases=100, unlabelled_cases=200, shape=(512, 512, 64),
                     input_size=384, batch_size=16, samples_per_epoch=1600, student_steps=3000, teacher_steps=6000,

@@ -160,7 +160,7 @@ def test_presets():
     assert (paper.input_size, paper.batch_size, paper.epochs, paper.lr) == (384, 16, 30, 1e-2)
     demo_t = make_config("teacher", "raunet", "d", "o.pt", preset="demo")
     demo_s = make_config("distill", "enet", "d", "o.pt", preset="demo", teacher="t.pt")
-    assert demo_t.input_size == demo_s.input_size == 128 and demo_t.epochs > demo_s.epochs
+    assert demo_t.input_size == demo_s.input_size == 96 and (demo_t.epochs, demo_s.epochs) == (12, 16)
     assert make_config("student", "enet", "d", "o.pt", preset="demo", epochs=2).epochs == 2
 
 

@@ -127,7 +127,8 @@ def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature,
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset root.")
-@click.option("--cases", help="Comma-separated case ids (default: the checkpoint's validation split).")
+@click.option("--cases", help="Comma-separated case ids, or 'all' (default: the checkpoint's validation split, "
+                             "for the data it was trained on).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per forward pass.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full result as JSON.")
@@ -140,7 +141,12 @@ def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
     from .evaluate import evaluate_checkpoint, format_table
     from .trainer import resolve_device
 
-    case_ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+    if cases == "all":
+        from .data import open_dataset
+
+        case_ids = list(open_dataset(data).case_ids)
+    else:
+        case_ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
     result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=str(resolve_device(device)),
                                  batch_size=batch_size, progress=not quiet)
     click.echo(format_table(result))
