@@ -226,7 +226,8 @@ def test_memory_stays_flat_over_many_volumes(tiny_bundle):
     (lambda hu, a: nib.Nifti1Image(np.stack([hu, hu], axis=-1), a), "4D"),
     (lambda hu, a: nib.Nifti1Image(np.where(hu > 50, np.nan, hu).astype(np.float32), a), "NaN"),
     (lambda hu, a: nib.Nifti1Image(np.where(hu > 50, np.inf, hu).astype(np.float32), a), "infinite"),
-    (lambda hu, a: hu, "expected a nibabel image"),
+    (lambda hu, a: hu, "a numpy array needs its affine"),
+    (lambda hu, a: hu.tolist(), "expected a nibabel image or a numpy array"),
 ])
 def test_bad_in_memory_images_are_refused(tiny_bundle, make, message):
     hu, affine = make_phantom(shape=(16, 16, 4), with_distractor=False)
