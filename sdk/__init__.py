@@ -12,12 +12,13 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from .errors import BackendError, BundleError, InputError, MissingDependencyError, OutputError, RegionKDError
+from .errors import (BackendError, BundleError, InputError, MissingDependencyError, OutputError, PacsError,
+                     RegionKDError)
 
 __all__ = [
     "Segmenter", "SegmentationResult", "load_bundle", "Bundle", "read_dicom_series", "load_dicom_series",
     "compute_statistics",
-    "RegionKDError", "InputError", "BundleError", "BackendError", "OutputError", "MissingDependencyError",
+    "RegionKDError", "InputError", "BundleError", "BackendError", "OutputError", "MissingDependencyError", "PacsError",
     "__version__",
 ]
 

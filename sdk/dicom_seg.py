@@ -30,7 +30,6 @@ import numpy as np
 from .atomic import atomic_path
 from .errors import InputError, require
 
-SEG_SUFFIX = ".seg.dcm"
 #: (code value, coding scheme, meaning)
 SCT = "SCT"
 ANATOMICAL_STRUCTURE = ("91723000", SCT, "Anatomical Structure")

@@ -32,6 +32,7 @@ from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .mask_io import check_output_path, mask_image, write_mask
 from .nifti_bounds import DEFAULT_MAX_VOXELS
+from .outputs import OUTPUT_TYPES, check_output_type, seg_path_for, statistics_path_for  # noqa: F401
 from .orientation import slice_geometry, to_canonical
 from .plausibility import Findings, check_geometry, check_header, check_intensities, check_spacing
 from .postprocess import keep_largest_components
@@ -41,23 +42,7 @@ from .timing import StageTimer
 from .volume_io import validate_image
 
 LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "metastasis")
-OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
 EXTRA_STAGES = ("statistics", "dicom_seg")      # timed when asked for, outside timing.STAGES, in the total
-
-
-def check_output_type(output_type: str) -> str:
-    if output_type not in OUTPUT_TYPES:
-        raise InputError(f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    return output_type
-
-
-def seg_path_for(mask_path) -> Path:
-    """The DICOM SEG beside a NIfTI mask: 'ct.nii.gz' -> 'ct.seg.dcm'."""
-    path = Path(mask_path)
-    for suffix in (".nii.gz", ".nii"):
-        if path.name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)] + ".seg.dcm")
-    return path.with_name(path.name + ".seg.dcm")
 
 
 @dataclass
@@ -169,19 +154,20 @@ class Segmenter:
     trusted_keys: public key files; with any (or REGIONKD_TRUSTED_KEYS set) only a bundle signed by
     one of them is loaded. allow_implausible: segment implausible volumes with warnings instead of
     refusing them. axial_axis: the input's voxel axis to slice as axial (default: the closest one).
-    max_voxels: larger volumes are refused before their data is read."""
+    max_voxels: larger volumes are refused before their data is read. device: the CUDA device (GPU
+    index) the TensorRT backends run on."""
 
     def __init__(self, bundle, backend: str = "auto", precision: str = "fp32", batch_size: int | None = None,
                  threads: int | None = None, largest_component: bool = True, trusted_keys=None,
                  allow_implausible: bool = False, axial_axis: int | None = None,
-                 max_voxels: int | None = DEFAULT_MAX_VOXELS):
+                 max_voxels: int | None = DEFAULT_MAX_VOXELS, device: int = 0):
         from .backends import create_backend
 
         self.backend = None
         self.bundle = _verified_bundle(bundle, trusted_keys)
         prep = self.bundle.preprocessing
         organ_labels = organ_labels_of(prep, self.bundle.class_names)
-        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size)
+        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size, device=device)
         self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size,
                     allow_implausible, axial_axis, max_voxels)
 
@@ -313,8 +299,6 @@ class Segmenter:
         default `<stem>.statistics.json` beside the mask). Every output is built before the first
         is written, and each is written atomically. `keep_image` returns the input's HU voxels in
         `result.image` (e.g. for a preview) so that nothing has to read the file a second time."""
-        from .statistics import statistics_path_for
-
         check_output_type(output_type)
         input_path, output_path = Path(input_path), Path(output_path)
         paths = {}

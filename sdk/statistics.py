@@ -26,9 +26,9 @@ from scipy import ndimage
 
 from .atomic import atomic_write_text
 from .orientation import slice_geometry, to_canonical
+from .outputs import statistics_path_for  # noqa: F401 - re-exported: the JSON beside a mask
 
 FORMAT = "regionkd-statistics/1"
-STATS_SUFFIX = ".statistics.json"
 LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "metastasis", "neoplasm")
 _STRUCTURE = ndimage.generate_binary_structure(3, 3)
 
@@ -122,17 +122,6 @@ def _lesions(lesion: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict:
     diameter = longest_in_plane_diameter_mm(components[box] == largest, affine)
     return {"count": int(count), "largest_volume_ml": _round(sizes[largest] * voxel_ml, 4),
             "largest_diameter_mm": _round(diameter, 2)}
-
-
-def statistics_path_for(mask_path: str | os.PathLike) -> Path:
-    """'case_001.nii.gz' -> 'case_001.statistics.json' (same folder); '.seg.dcm' likewise."""
-    path = Path(mask_path)
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".seg.dcm", ".dcm"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + STATS_SUFFIX)
 
 
 def write_statistics(path: str | os.PathLike, statistics: dict) -> Path:
