@@ -439,7 +439,7 @@ class TrainingRun:
         step_s = self.estimate_step_s()
         total_s = step_s * remaining
         info = {"device": str(proc.device), "processes": proc.world, "preset": cfg.preset, "steps": remaining,
-                "estimated_step_s": round(step_s, 4), "estimated_s": round(total_s, 1)}
+                "estimated_step_s": round(step_s, 5), "estimated_s": round(total_s, 3)}
         if not cfg.quiet and proc.is_main:
             lines = [f"{cfg.mode} {cfg.arch} on {proc.device} ({proc.world} process{'es' if proc.world > 1 else ''}), "
                      f"preset {cfg.preset}: {cfg.input_size} px, batch {cfg.batch_size}, {cfg.epochs} epochs x "
