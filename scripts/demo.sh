@@ -4,6 +4,7 @@
 # The phantoms draw tumours of 20-40 mm: at the demo's 128 px input (about 3 mm pixels) smaller
 # lesions are a pixel or two wide and a few minutes of CPU training cannot learn them.
 #   -> export (fp32/fp16/int8 ONNX + TensorRT-RTX engines) -> segment a held-out phantom -> latency table
+#   -> the held-out phantom as a DICOM CT series -> DICOM SEG, statistics JSON, preview against the ground truth
 set -euo pipefail
 OUT=${1:-work/demo}
 DATA=$OUT/data
@@ -69,4 +70,26 @@ mkdir -p "$OUT/masks"   # one input: -o is a .nii/.nii.gz name or an existing fo
 regionkd-segment "$OUT/liver.bundle" "$HELD_IMG" -o "$OUT/masks" --preview "$OUT/preview.png"
 regionkd-bench "$OUT/liver.bundle" --volume "$HELD_IMG" --precisions fp32,int8 --repeat 3 \
   --torch-checkpoint "$OUT/teacher.pt" --torch-checkpoint "$OUT/distilled.pt" --json "$OUT/bench.json"
+
+step "DICOM: the held-out phantom as a CT series -> mask + DICOM SEG + statistics + preview beside the ground truth"
+python - "$HELD_IMG" "$OUT/dicom" <<'PY'
+import sys
+from pathlib import Path
+import nibabel as nib
+import numpy as np
+from regionkd.sdk.dicom_write import write_ct_series
+from regionkd.sdk.orientation import to_canonical
+from regionkd.sdk.volume_io import read_nifti
+image, out = Path(sys.argv[1]), Path(sys.argv[2])
+vol = read_nifti(image)
+info = write_ct_series(vol.data, vol.affine, out / "ct_series", overwrite=True, patient_id="PHANTOM-999")
+truth = nib.load(str(image.with_name("segmentation.nii.gz")))     # in the series' (RAS) voxel order
+c = to_canonical(np.asarray(truth.dataobj), truth.affine)
+nib.save(nib.Nifti1Image(np.ascontiguousarray(c.data).astype(np.uint8), c.affine), str(out / "truth.nii.gz"))
+print(f"{out / 'ct_series'}: {len(info.sop_instance_uids)} CT slices, study {info.study_instance_uid}")
+PY
+regionkd-segment "$OUT/liver.bundle" "$OUT/dicom/ct_series" -o "$OUT/dicom" --output-type both --statistics \
+  --preview "$OUT/dicom/preview.png" --reference "$OUT/dicom/truth.nii.gz" --report "$OUT/dicom/run.json"
+cat "$OUT/dicom/ct_series.statistics.json"
+if command -v dciodvfy >/dev/null; then dciodvfy "$OUT/dicom/ct_series.seg.dcm"; else echo "(dciodvfy not installed: apt-get install dicom3tools)"; fi
 step "done"

@@ -3,9 +3,10 @@ complete enough for a PACS and for `dciodvfy` (Patient, General Study, General S
 Reference, General Equipment, General Image, Image Plane, Image Pixel, CT Image, SOP Common).
 
 For phantoms and tests (a DICOM series of a volume of known geometry) and for turning a NIfTI
-volume into a series a PACS accepts. The inverse of `regionkd.sdk.dicom_io.read_dicom_series`:
-voxel (i, j, k) becomes column i, row j of slice k, so reading the folder back gives the same
-voxels and the same affine. HU are rounded to integers and stored as int16 with RescaleIntercept
+volume into a series a PACS accepts. The volume is first turned to its closest RAS orientation
+(`regionkd.sdk.orientation`), so that the slices are axial whatever the file's voxel order; then
+voxel (i, j, k) becomes column i, row j of slice k, and `regionkd.sdk.dicom_io.read_dicom_series`
+gives back these voxels and this affine (those of the input when it is stored RAS already). HU are rounded to integers and stored as int16 with RescaleIntercept
 -1024 (RescaleSlope 1). Needs the `dicom` extra (pydicom). The folder is written atomically.
 """
 from __future__ import annotations
@@ -40,13 +41,13 @@ def _ds(text) -> str:
     return out if len(out) <= 16 else f"{float(text):.4e}"
 
 
-def write_ct_series(hu: np.ndarray, affine: np.ndarray, folder: str | os.PathLike, *, patient_id: str = "PHANTOM",
+def write_ct_series(hu, affine, folder: str | os.PathLike, *, patient_id: str = "PHANTOM",
                     patient_name: str = "Phantom^Regionkd", study_instance_uid: str | None = None,
                     series_instance_uid: str | None = None, frame_of_reference_uid: str | None = None,
                     series_number: int = 1, series_description: str = "regionkd phantom CT",
                     accession_number: str = "", modality: str = "CT", overwrite: bool = False) -> SeriesInfo:
-    """Write `hu` (3D, HU, voxel order i, j, k with k the slice axis) with RAS `affine` as a series
-    in `folder` (one file per slice, IM00001.dcm...). Returns the UIDs it was given."""
+    """Write `hu` (3D, HU) with its RAS `affine` as an axial series in `folder` (one file per slice,
+    IM00001.dcm...). Returns the UIDs it was given."""
     require("pydicom", extra="dicom", purpose="writing DICOM series")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -57,6 +58,10 @@ def write_ct_series(hu: np.ndarray, affine: np.ndarray, folder: str | os.PathLik
         raise InputError(f"write_ct_series: a 3D volume is needed, got shape {hu.shape}")
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError("write_ct_series: affine must be a finite 4x4 matrix")
+    from .orientation import to_canonical
+
+    canonical = to_canonical(hu, affine)
+    hu, affine = canonical.data, np.asarray(canonical.affine, dtype=np.float64)
     cols, rows, n_slices = hu.shape
     lps = RAS_TO_LPS @ affine[:3, :3]
     col_spacing, row_spacing = np.linalg.norm(lps[:, 0]), np.linalg.norm(lps[:, 1])

@@ -218,4 +218,4 @@ def write_preview(path: str | os.PathLike, hu: np.ndarray, mask: np.ndarray, aff
     sheet = montage(hu, mask, affine, window, n_slices, axial_axis=axial_axis, class_names=class_names,
                     reference=reference, tile_px=tile_px)
     with atomic_path(path, suffix="") as tmp:
-        pil.fromarray(sheet).save(tmp, format="PNG")
+        pil.fromarray(sheet).save(tmp, format="PNG", optimize=True)

@@ -112,9 +112,12 @@ def compute_statistics(mask: np.ndarray, hu: np.ndarray, affine: np.ndarray, cla
 
 
 def _lesions(lesion: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict:
-    components, count = ndimage.label(lesion, structure=_STRUCTURE)
-    if count == 0:
+    from .postprocess import foreground_box
+
+    box = foreground_box(lesion)           # components are found inside the lesions' bounding box only
+    if box is None:
         return {"count": 0, "largest_volume_ml": None, "largest_diameter_mm": None}
+    components, count = ndimage.label(np.ascontiguousarray(lesion[box]), structure=_STRUCTURE)
     sizes = np.bincount(components.ravel(), minlength=count + 1)
     sizes[0] = 0
     largest = int(np.argmax(sizes))
