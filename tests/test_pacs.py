@@ -10,7 +10,6 @@ under CI a missing Orthanc fails these tests instead of skipping them.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import nibabel as nib
