@@ -1,7 +1,7 @@
 """Deployment report: what the distilled student buys at inference time, in one run.
 
 On one phantom CT volume (512x512x100 for the cpu preset), file to file through the SDK's own
-timing code (`regionkd.sdk.cli_bench.measure`: warm-up, then median and p95 over repeats, with
+timing code (`regionkd.sdk.cli_bench.measure`: warm-up, then median, mean and SD (p95 from 20) over repeats, with
 the load / preprocess / inference / postprocess / write breakdown):
   - the teacher and the student in PyTorch eager (same pre/post-processing, `Segmenter.from_backend`),
   - the student's bundle through onnxruntime FP32 and INT8 (and TensorRT FP16/INT8 where a GPU is),
@@ -148,7 +148,8 @@ def gflops_of(ckpt: Path) -> float:
 
 def timing_row(m: dict, base: dict) -> dict:
     """A results row from `regionkd.sdk.cli_bench.measure`'s dict."""
-    return {**base, "latency_ms": {"median": m["median_ms"], "p95": m["p95_ms"], "min": m["min_ms"]},
+    return {**base, "latency_ms": {"median": m["median_ms"], "mean": m.get("mean_ms"), "sd": m.get("sd_ms"),
+                                   "p95": m["p95_ms"], "min": m["min_ms"]},   # p95: None below 20 repeats
             "breakdown_ms": m["stages_median_ms"], "outside_inference_share": m["outside_inference_share"],
             "slices": m["slices"], "repeat": m["repeat"], "warmup": m["warmup"], "peak_rss_mb": m["peak_rss_mb"]}
 
@@ -176,7 +177,7 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
     from tqdm import tqdm
 
     from regionkd.sdk.bundle import load_bundle
-    from regionkd.sdk.cli_bench import TorchModelBackend, measure
+    from regionkd.sdk.cli_bench import TorchModelBackend, measure, reset_peak_rss
     from regionkd.sdk.errors import RegionKDError
     from regionkd.sdk.segmenter import Segmenter, organ_labels_of
     from regionkd.sdk.volume_io import read_nifti
@@ -195,6 +196,7 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
     with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp:
         for runtime, what, precision in tqdm(jobs, desc=f"deploy latency ({bundle.manifest['model']['arch']})",
                                              unit="config", disable=quiet):
+            rss_reset = reset_peak_rss()        # each configuration's own peak memory
             try:
                 if runtime == "torch":
                     engine = TorchModelBackend(what, threads, p.infer_batch)
@@ -218,7 +220,8 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
                 continue
             base["volume_shape"] = shape
             with seg:
-                rows.append(timing_row(measure(seg, Path(volume), Path(tmp), p.warmup, p.repeat), base))
+                rows.append(timing_row(measure(seg, Path(volume), Path(tmp), p.warmup, p.repeat, rss_reset=rss_reset),
+                                       base))
     return rows
 
 
@@ -292,7 +295,7 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, 
             dice = ", ".join(f"{c} {C.fmt(v)}" + (f" ({d[c]:+.3f})" if d.get(c) is not None and r["precision"] != "fp32" else "")
                              for c, v in r["dice"].items())
         body.append([f"{r['arch']} ({r.get('role', '')})", r["runtime"], r["precision"],
-                     f"{r['latency_ms']['median']:.1f}", f"{r['latency_ms']['p95']:.1f}",
+                     f"{r['latency_ms']['median']:.1f}", C.fmt(r["latency_ms"].get("p95"), 1),
                      *(f"{b[s]:.1f}" for s in ("load", "preprocess", "inference", "postprocess", "write")),
                      f"{100 * r['outside_inference_share']:.1f}", f"{r['bytes'] / 1e6:.3f}", f"{r['params']:,}",
                      f"{r['gflops_per_slice']:.3f}", C.fmt(r.get("achieved_gflops_per_s"), 1),
@@ -324,7 +327,7 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, 
                          f"{'-' if share is None else f'{100 * share:.1f}%'} | {r['best_sdk'] or '-'} |")
     lines += ["", f"Best SDK configuration: {ratios['best_sdk']}.",
               "Latency: per volume, file to file (read NIfTI, preprocess, inference, postprocess incl. largest "
-              "component, write mask), median and p95 over the repeats after warm-up. PyTorch rows run eager on "
+              "component, write mask), median over the repeats after warm-up (p95 from 20 repeats on). PyTorch rows run eager on "
               "the CPU with the SDK's pre/post-processing; their size is the fp32 weights (state dict). GFLOP/s: "
               "GFLOPs per slice x slices / inference time. Dice: the bundle manifest's validation Dice (global per "
               "class over the validation phantoms), Δ against the FP32 file.", ""]

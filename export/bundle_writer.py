@@ -76,17 +76,51 @@ def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
     return out
 
 
+def base_name(path) -> str | None:
+    """The last part of a path ('/home/me/data/lits' -> 'lits'): a manifest names files and
+    folders, it never records the exporting machine's absolute paths."""
+    if path in (None, ""):
+        return None
+    text = str(path).rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or text
+
+
 def provenance_section(ckpt: dict, ckpt_path, package_version: str) -> dict:
-    """Where the model came from: the checkpoint file, its teacher, KD terms and weights, data."""
+    """Where the model came from: the checkpoint file (name and sha256), its teacher (name, sha256,
+    arch), KD terms and weights, the training data's folder name. Names only, no absolute paths."""
     src = dict(ckpt.get("provenance") or {})
     teacher = src.get("teacher")
-    out = {"checkpoint": {"path": str(Path(ckpt_path).resolve()), "sha256": sha256_file(ckpt_path)},
+    if isinstance(teacher, dict):
+        teacher = {"name": base_name(teacher.get("path") or teacher.get("name")), "sha256": teacher.get("sha256"),
+                   "arch": teacher.get("arch")}
+    elif teacher is not None:
+        teacher = base_name(teacher)
+    out = {"checkpoint": {"name": Path(ckpt_path).name, "sha256": sha256_file(ckpt_path)},
            "teacher": teacher, "kd": list(src.get("kd") or []),
            "alpha": src.get("alpha"), "beta1": src.get("beta1"), "beta2": src.get("beta2"),
-           "temperature": src.get("temperature"), "data": src.get("data"), "seed": src.get("seed"),
+           "temperature": src.get("temperature"), "data": base_name(src.get("data")), "seed": src.get("seed"),
            "training_package_version": src.get("package_version"), "trained": src.get("date"),
            "package_version": package_version,
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if src.get("unlabelled"):
+        out["unlabelled"] = base_name(src["unlabelled"])
+    return out
+
+
+#: the metadata fields regionkd-export sets (MONAI bundle metadata.json names, plus license)
+METADATA_FIELDS = ("version", "description", "authors", "copyright", "license", "intended_use", "references",
+                   "task", "data_source")
+
+
+def metadata_section(**fields) -> dict:
+    """The manifest's `metadata`: the fields given (None and empty left out)."""
+    out = {}
+    for key, value in fields.items():
+        if key not in METADATA_FIELDS:
+            raise BundleError(f"unknown metadata field {key!r}; known: {', '.join(METADATA_FIELDS)}")
+        if value in (None, "", [], ()):
+            continue
+        out[key] = [str(v) for v in value] if key == "references" else str(value)
     return out
 
 

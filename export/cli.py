@@ -5,9 +5,10 @@ from pathlib import Path
 
 import click
 
-from regionkd.sdk.cli_common import run_cli
+from regionkd.sdk.cli_common import run_cli, version_option
 
-from .pipeline import ENGINE_MODES, ExportOptions, export_bundle, parse_precisions, planned_steps
+from .pipeline import (ENGINE_MODES, ExportOptions, check_options, default_precisions, export_bundle,
+                       parse_precisions, planned_steps)
 
 
 def _mb(n: int) -> str:
@@ -44,10 +45,11 @@ def summary_table(manifest: dict, seconds: float) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory to write (written to a temporary directory, renamed into place at the end).")
-@click.option("--precision", "precision", default="fp32,fp16,int8", show_default=True,
-              help="Comma-separated precisions among fp32, fp16, int8 (fp32 is always included: it is the reference).")
+@click.option("--precision", "--precisions", "precision", default=None,
+              help="Comma-separated precisions among fp32, fp16, int8 (fp32 is always included: it is the reference). "
+                   "Default: fp32,fp16, and int8 too when --calib is given.")
 @click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
               help="Dataset directory with CT volumes and labels for INT8 calibration (required for int8).")
 @click.option("--calib-slices", default=200, show_default=True, type=click.IntRange(1),
@@ -66,15 +68,35 @@ def summary_table(manifest: dict, seconds: float) -> str:
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sign the manifest with this Ed25519 private key (from `regionkd-sign keygen`); scanners that "
                    "trust its public key (regionkd-segment --trusted-key) run only bundles it signed.")
+@click.option("--model-version", default=None, help="The model's version (manifest metadata.version; the DICOM "
+                                                  "SEG's algorithm version), e.g. 1.2.0.")
+@click.option("--description", default=None, help="What the model does (metadata.description).")
+@click.option("--authors", default=None, help="Who made it (metadata.authors).")
+@click.option("--copyright", "copyright_", default=None, help="Copyright notice (metadata.copyright).")
+@click.option("--license", "license_", default=None, help="Licence of the model, e.g. an SPDX id (metadata.license).")
+@click.option("--intended-use", default=None,
+              help="What the model is for and not for (metadata.intended_use), e.g. 'research use only'.")
+@click.option("--reference", "references", multiple=True,
+              help="A publication or web page about the model (metadata.references; repeatable).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, messages or summary; errors only.")
+@version_option
 def export_command(checkpoint, out, precision, calib, calib_slices, val, engine, max_batch, max_dice_drop,
-                   name, overwrite, sign_key, quiet):
-    """Export the network in CHECKPOINT to a model bundle: fp32/fp16/int8 ONNX, TensorRT engines, manifest.json."""
+                   name, overwrite, sign_key, model_version, description, authors, copyright_, license_, intended_use,
+                   references, quiet):
+    """Export the network in CHECKPOINT to a model bundle: fp32/fp16/int8 ONNX, TensorRT engines, manifest.json.
+
+    With no data given, parity with PyTorch is measured on slices of a synthetic CT; give --val
+    (Dice per precision and the --max-dice-drop gate) and --calib (INT8) for a bundle to ship."""
     from tqdm import tqdm
 
-    opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=parse_precisions(precision), calib=calib,
+    precisions = parse_precisions(precision) if precision is not None else default_precisions(calib)
+    metadata = {"version": model_version, "description": description, "authors": authors, "copyright": copyright_,
+                "license": license_, "intended_use": intended_use, "references": list(references)}
+    opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=precisions, calib=calib,
                          calib_slices=calib_slices, val=val, engine=engine, max_batch=max_batch,
-                         max_dice_drop=max_dice_drop, overwrite=overwrite, name=name, sign_key=sign_key)
+                         max_dice_drop=max_dice_drop, overwrite=overwrite, name=name, sign_key=sign_key,
+                         metadata={k: v for k, v in metadata.items() if v not in (None, "", [])})
+    check_options(opts)          # every option is checked before the bar is drawn and before any work
     bar = tqdm(total=planned_steps(opts), unit="step", disable=quiet,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} steps [{elapsed}]")
     started = [False]

@@ -44,6 +44,7 @@ class ExportOptions:
     threads: int = 1
     name: str | None = None
     sign_key: Path | None = None      # Ed25519 private key: the bundle gets a manifest.sig
+    metadata: dict = field(default_factory=dict)   # the manifest's metadata (bundle_writer.METADATA_FIELDS)
 
 
 @dataclass
@@ -53,6 +54,12 @@ class ExportResult:
     seconds: float
     skipped_engines: list = field(default_factory=list)
     signed_by: str | None = None      # key id of the signature, when signed
+
+
+def default_precisions(calib) -> tuple:
+    """What an export makes when --precision is not given: every precision its data allows
+    (int8 needs calibration slices: only with --calib)."""
+    return PRECISIONS if calib is not None else ("fp32", "fp16")
 
 
 def parse_precisions(text: str) -> tuple:
@@ -95,6 +102,31 @@ def planned_steps(opts: ExportOptions) -> int:
     return n
 
 
+def check_options(opts: ExportOptions):
+    """Every check that needs no work, before any is done (and before a progress bar is drawn):
+    returns the loaded signing key (or None)."""
+    if opts.engine not in ENGINE_MODES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINE_MODES)}, got {opts.engine!r}")
+    if "int8" in tuple(opts.precisions) and opts.calib is None:
+        raise InputError("--precision int8 needs --calib DATA_DIR: INT8 ranges are calibrated on real CT slices "
+                         "(or leave int8 out: --precision fp32,fp16)")
+    if opts.max_batch < 1:
+        raise InputError(f"--max-batch must be at least 1, got {opts.max_batch}")
+    if not Path(opts.checkpoint).is_file():
+        raise InputError(f"checkpoint {opts.checkpoint}: no such file")
+    for flag, folder in (("--calib", opts.calib), ("--val", opts.val)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{flag} {folder}: not a folder")
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise FileExistsError(f"bundle directory {out} already exists (pass --overwrite to replace it)")
+    bw.metadata_section(**opts.metadata)          # unknown fields fail now
+    if opts.sign_key is not None:   # a bad key fails now, not after the whole export
+        from regionkd.sdk.signing import load_private_key
+        return load_private_key(opts.sign_key)
+    return None
+
+
 def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progress=None) -> ExportResult:
     """Run the whole export; `progress(step_name)` is called when each step starts."""
     from regionkd.sdk import __version__
@@ -103,21 +135,8 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
     t_start = time.perf_counter()
     step = progress or (lambda name: None)
     precisions = tuple(opts.precisions)
-    if opts.engine not in ENGINE_MODES:
-        raise InputError(f"--engine must be one of {', '.join(ENGINE_MODES)}, got {opts.engine!r}")
-    if "int8" in precisions and opts.calib is None:
-        raise InputError("--precision int8 needs --calib DATA_DIR: INT8 ranges are calibrated on real CT slices")
-    if opts.calib is None and opts.val is None:
-        raise InputError("give --val or --calib: parity with PyTorch is measured on real CT slices")
-    if opts.max_batch < 1:
-        raise InputError(f"--max-batch must be at least 1, got {opts.max_batch}")
+    sign_key = check_options(opts)
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise FileExistsError(f"bundle directory {out} already exists (pass --overwrite to replace it)")
-    sign_key = None
-    if opts.sign_key is not None:   # a bad key fails now, not after the whole export
-        from regionkd.sdk.signing import load_private_key
-        sign_key = load_private_key(opts.sign_key)
 
     step("load checkpoint")
     model, ckpt = load_model(opts.checkpoint)
@@ -131,12 +150,21 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
     if "int8" in precisions:
         calib = stratified_slices(opts.calib, opts.calib_slices, window, input_size, lesion_label=lesion_label)
         log(f"calibration: {len(calib)} slices from {opts.calib} ({', '.join(f'{k} {v}' for k, v in calib.strata.items())})")
+    parity_source = "validation"
     if opts.val is not None:
         open_cases(opts.val)  # fail early on an unreadable validation directory
         parity_images = stratified_slices(opts.val, PARITY_SLICES, window, input_size,
                                           lesion_label=lesion_label, seed=1).images
-    else:
+    elif calib is not None:
         parity_images = calib.images[:PARITY_SLICES]
+        parity_source = "calibration"
+    else:
+        from .ct_slices import synthetic_slices
+
+        parity_images = synthetic_slices(PARITY_SLICES, window, input_size)
+        parity_source = "synthetic"
+        log(f"no --val or --calib: parity with PyTorch measured on {PARITY_SLICES} slices of a synthetic CT; "
+            "Dice not measured")
     torch_logits = run_torch(model, parity_images)
 
     metrics: dict = {}
@@ -149,7 +177,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
         def record(key, name):
             onnx_paths[key] = name
             parity = compare_logits(torch_logits, run_onnx(ort_session(root / name, opts.threads), parity_images))
-            metrics[key] = {"file": name, "parity": parity.as_dict()}
+            metrics[key] = {"file": name, "parity": parity.as_dict(), "parity_data": parity_source}
             log(f"{name}: parity vs PyTorch max |dlogit| {parity.max_abs_logit_diff:.3g}, "
                 f"argmax agreement {parity.argmax_agreement:.5f}")
 
@@ -170,7 +198,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
             quantize_int8(root / "model.fp32.onnx", root / "model.int8-cpu.onnx", "cpu", cache)
             record("int8-cpu", "model.int8-cpu.onnx")
             extra["calibration"] = {"file": "calibration.json", "sha256": bw.sha256_file(cache),
-                                    "data": str(Path(opts.calib).resolve()), "slices": len(calib),
+                                    "data": bw.base_name(Path(opts.calib).resolve()), "slices": len(calib),
                                     "strata": calib.strata, "method": "MinMax",
                                     "format": "onnxruntime.quantization calibration cache (tensor ranges)"}
 
@@ -198,7 +226,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
                     label = {"fp16": "fp16 (model.fp16.onnx)", "int8": "int8 TensorRT flavour (model.int8.onnx)",
                              "int8-cpu": "int8 CPU flavour (model.int8-cpu.onnx)"}[key]
                     check_dice_drop(dice["fp32"], dice[key], opts.max_dice_drop, label)
-            extra["validation"] = {"data": str(Path(opts.val).resolve()), "max_dice_drop": opts.max_dice_drop,
+            extra["validation"] = {"data": bw.base_name(Path(opts.val).resolve()), "max_dice_drop": opts.max_dice_drop,
                                    "dice": "global per class over all validation volumes, onnxruntime CPU, "
                                            "argmax after resizing logits to the slice size"}
         else:
@@ -228,7 +256,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
             root, model=bw.model_section(ckpt, params, opts.name, _count_gflops(model, input_size)),
             preprocessing=bw.preprocessing_section(ckpt), files=files, metrics=_by_precision(metrics),
             provenance=bw.provenance_section(ckpt, opts.checkpoint, __version__), max_batch=opts.max_batch,
-            extra=extra)
+            extra={**extra, "metadata": bw.metadata_section(**opts.metadata)} if opts.metadata else extra)
         signed_by = None
         if sign_key is not None:
             from regionkd.sdk.signing import sign_bundle

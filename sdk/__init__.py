@@ -12,11 +12,13 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from .errors import BackendError, BundleError, InputError, MissingDependencyError, OutputError, RegionKDError
+from .errors import (BackendError, BundleError, InputError, MissingDependencyError, OutputError, PacsError,
+                     RegionKDError)
 
 __all__ = [
-    "Segmenter", "SegmentationResult", "load_bundle", "Bundle",
-    "RegionKDError", "InputError", "BundleError", "BackendError", "OutputError", "MissingDependencyError",
+    "Segmenter", "SegmentationResult", "load_bundle", "Bundle", "read_dicom_series", "load_dicom_series",
+    "compute_statistics",
+    "RegionKDError", "InputError", "BundleError", "BackendError", "OutputError", "MissingDependencyError", "PacsError",
     "__version__",
 ]
 
@@ -28,4 +30,10 @@ def __getattr__(name):  # lazy: the segmenter pulls in onnxruntime only when ask
     if name in ("load_bundle", "Bundle"):
         from . import bundle
         return getattr(bundle, name)
+    if name in ("read_dicom_series", "load_dicom_series"):   # pydicom only when called
+        from . import dicom_io
+        return getattr(dicom_io, name)
+    if name == "compute_statistics":
+        from . import statistics
+        return statistics.compute_statistics
     raise AttributeError(f"module 'regionkd.sdk' has no attribute {name!r}")

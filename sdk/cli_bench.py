@@ -1,9 +1,12 @@
 """`regionkd-bench`: per-volume latency of a bundle (and optionally PyTorch checkpoints) on one
 volume, with the stage breakdown, so "how much time is spent outside the network" is visible.
 
-Each configuration runs the full file-to-file path (`Segmenter.segment_file`: read NIfTI,
-preprocess, inference, postprocess, write the mask) after warm-up runs; the table gives the
-median and p95 over the repeats. PyTorch checkpoints go through the same pre/post-processing
+Each configuration runs the full file-to-file path (`Segmenter.segment_file`: read the NIfTI file
+or DICOM series, preprocess, inference, postprocess, write the mask) after warm-up runs; the table
+gives the mean, SD and median over the repeats, p95 from 20 repeats on and p99 from 100 (fewer
+runs cannot estimate a tail), and the GPU compute time where a GPU backend measures it. Peak
+memory is each configuration's own: the process's resident high-water mark is reset before the
+configuration starts (Linux /proc/self/clear_refs) and read after its last run. PyTorch checkpoints go through the same pre/post-processing
 (via `Segmenter.from_backend`), so their stage times compare directly. torch is imported only
 when `--torch-checkpoint` is given.
 """
@@ -23,7 +26,7 @@ import click
 import numpy as np
 
 from .atomic import atomic_write_text
-from .cli_common import run_cli
+from .cli_common import run_cli, version_option
 from .errors import InputError, MissingDependencyError, RegionKDError, require
 from .timing import STAGES
 
@@ -91,8 +94,40 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int) -> dict:
-    """Warm up, then time `repeat` file-to-file runs; plus one traced run for the Python/numpy heap peak."""
+#: runs needed before a percentile is reported: a p95 of 5 runs is their maximum, not a tail estimate
+MIN_RUNS_FOR = {95: 20, 99: 100}
+
+
+def tail(values, q: int) -> float | None:
+    return percentile(values, q) if len(values) >= MIN_RUNS_FOR[q] else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux: VmHWM); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> tuple[float, str]:
+    """(peak resident memory in MB, its scope): since the last reset_peak_rss() ("configuration") where
+    Linux gives VmHWM, else the process's high-water mark since it started ("process")."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0, "configuration"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "process"   # kB on Linux
+
+
+def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int, rss_reset: bool = False) -> dict:
+    """Warm up, then time `repeat` file-to-file runs; plus one traced run for the Python/numpy heap peak.
+    `rss_reset`: the high-water mark was reset when this configuration started (see peak_rss_mb)."""
     out = out_dir / "mask.nii.gz"
     for _ in range(warmup):
         segmenter.segment_file(volume, out)
@@ -107,18 +142,26 @@ def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int) ->
     median_stage = {s: float(np.median([r[s] for r in runs])) for s in STAGES}
     slices = int(runs[0]["slices"])
     med_total = float(np.median(totals))
+    rss, scope = peak_rss_mb()
+    gpu = [r["gpu"] for r in runs if "gpu" in r]
     row = {
         "median_ms": med_total,
-        "p95_ms": percentile(totals, 95),
+        "mean_ms": float(np.mean(totals)),
+        "sd_ms": float(np.std(totals, ddof=1)) if len(totals) > 1 else 0.0,
+        "p95_ms": tail(totals, 95),
+        "p99_ms": tail(totals, 99),
         "min_ms": float(np.min(totals)),
+        "max_ms": float(np.max(totals)),
         "stages_median_ms": median_stage,
         "outside_inference_share": 1.0 - median_stage["inference"] / med_total if med_total else None,
         "slices": slices,
         "slices_per_s": slices / (med_total / 1000.0) if med_total else None,
         "inference_slices_per_s": slices / (median_stage["inference"] / 1000.0) if median_stage["inference"] else None,
-        "gpu_median_ms": float(np.median([r["gpu"] for r in runs])) if "gpu" in runs[0] else None,
+        "gpu_median_ms": float(np.median(gpu)) if gpu else None,
+        "gpu_mean_ms": float(np.mean(gpu)) if gpu else None,
         "traced_peak_mb": traced_peak / 1e6,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # kB on Linux
+        "peak_rss_mb": rss,
+        "peak_rss_scope": scope if rss_reset or scope == "process" else "process",
         "repeat": repeat,
         "warmup": warmup,
     }
@@ -126,15 +169,18 @@ def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int) ->
 
 
 def format_table(rows) -> str:
-    head = ["model", "backend", "prec", "median ms", "p95 ms", "load", "pre", "infer", "post", "write",
-            "outside %", "slices/s", "size MB", "params", "peak RSS MB"]
+    head = ["model", "backend", "prec", "median ms", "mean ± SD ms", "p95 ms", "p99 ms", "gpu ms", "load", "pre",
+            "infer", "post", "write", "outside %", "slices/s", "size MB", "params", "peak RSS MB"]
     lines = []
     for r in rows:
         if r.get("status") != "ok":
             lines.append([r["model"], r["backend"], r["precision"], f"skipped: {r.get('reason', '')}"])
             continue
         st = r["stages_median_ms"]
-        lines.append([r["model"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}",
+        opt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append([r["model"], r["backend"], r["precision"], f"{r['median_ms']:.1f}",
+                      f"{r.get('mean_ms', r['median_ms']):.1f} ± {r.get('sd_ms', 0.0):.1f}", opt(r.get("p95_ms")),
+                      opt(r.get("p99_ms")), opt(r.get("gpu_median_ms")),
                       *(f"{st[s]:.1f}" for s in STAGES), f"{100 * r['outside_inference_share']:.1f}",
                       f"{r['slices_per_s']:.1f}", f"{r['size_bytes'] / 1e6:.3f}",
                       "-" if r.get("params") is None else f"{r['params']:,}", f"{r['peak_rss_mb']:.0f}"])
@@ -169,13 +215,19 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--volume", type=click.Path(path_type=Path), default=None, help="A NIfTI CT volume to time.")
+@click.option("--volume", type=click.Path(path_type=Path), default=None,
+              help="A CT volume to time: a NIfTI file or a DICOM series folder (as regionkd-segment reads them).")
 @click.option("--shape", default="512,512,100", show_default=True,
               help="X,Y,Z of a synthetic CT volume, used when --volume is not given.")
-@click.option("--backends", default="onnxruntime", show_default=True,
-              help="Comma-separated: onnxruntime, tensorrt, tensorrt-rtx, auto.")
-@click.option("--precisions", default=None, help="Comma-separated: fp32, fp16, int8 (default: all in the bundle).")
-@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per configuration.")
+@click.option("--backends", "--backend", "backends", default="auto", show_default=True,
+              help="Comma-separated: auto (as regionkd-segment: TensorRT, else TensorRT-RTX, else onnxruntime), "
+                   "onnxruntime, tensorrt, tensorrt-rtx.")
+@click.option("--precisions", "--precision", "precisions", default=None,
+              help="Comma-separated: fp32, fp16, int8 (default: all in the bundle).")
+@click.option("--device", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CUDA device (GPU index) for the tensorrt backend.")
+@click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per configuration (p95 needs 20, p99 100).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Slices per inference call.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (onnxruntime, PyTorch).")
@@ -183,10 +235,12 @@ def parse_shape(text: str) -> tuple[int, int, int]:
               help="Also time this PyTorch checkpoint (repeatable; needs the train extra).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the table.")
-def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_size, threads, torch_checkpoints,
+@version_option
+def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, batch_size, threads, torch_checkpoints,
           json_out, quiet):
-    """Time BUNDLE on one CT volume: median and p95 per-volume latency with the stage breakdown
-    (load, preprocess, inference, postprocess, write), slices/s, model size, parameters, peak memory."""
+    """Time BUNDLE on one CT volume: per-volume latency (median, mean, SD, p95/p99 with enough runs) with
+    the stage breakdown (load, preprocess, inference, postprocess, write), GPU compute time, slices/s,
+    model size, parameters, each configuration's own peak memory."""
     from tqdm import tqdm
 
     from .backends import BACKENDS
@@ -204,6 +258,9 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
             volume = write_volume(tmp / "synthetic.nii.gz", data, affine)
             vol_info = {"source": "synthetic", "shape": list(data.shape)}
             del data
+        elif Path(volume).is_dir():              # a DICOM series folder, as regionkd-segment reads it
+            from .dicom_io import read_dicom_series
+            vol_info = {"source": str(volume), "kind": "dicom", "shape": list(read_dicom_series(volume).shape)}
         else:
             from .volume_io import read_nifti
             vol_info = {"source": str(volume), "shape": list(read_nifti(volume).data.shape)}
@@ -213,9 +270,11 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
         for kind, which, precision in tqdm(jobs, desc="benchmarking", unit="config", disable=quiet):
             model_name = b.manifest["model"].get("name", "bundle") if kind == "bundle" else Path(which).name
             row = {"model": model_name, "backend": which if kind == "bundle" else "pytorch", "precision": precision}
+            rss_reset = reset_peak_rss()        # this configuration's own peak, not an earlier one's
             try:
                 if kind == "bundle":
-                    seg = Segmenter(b, backend=which, precision=precision, batch_size=batch_size, threads=threads)
+                    seg = Segmenter(b, backend=which, precision=precision, batch_size=batch_size, threads=threads,
+                                    device=device)
                     row.update(backend=seg.backend.name, model_file=seg.backend.model_path.name,
                                size_bytes=seg.model_size_bytes, params=b.params)
                 else:
@@ -233,7 +292,7 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
                     tqdm.write(f"skipped {row['backend']} {precision}: {exc}", file=sys.stderr)
                 continue
             with seg:
-                row.update(measure(seg, Path(volume), tmp, warmup, repeat), status="ok")
+                row.update(measure(seg, Path(volume), tmp, warmup, repeat, rss_reset=rss_reset), status="ok")
             rows.append(row)
     click.echo(format_table(rows))
     if json_out is not None:
@@ -244,7 +303,8 @@ def bench(bundle, volume, shape, backends, precisions, repeat, warmup, batch_siz
                               "cpu_count": os.cpu_count(), "python": platform.python_version(),
                               "onnxruntime": onnxruntime.__version__,
                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-                  "settings": {"repeat": repeat, "warmup": warmup, "batch_size": batch_size, "threads": threads},
+                  "settings": {"repeat": repeat, "warmup": warmup, "batch_size": batch_size, "threads": threads,
+                               "device": device},
                   "rows": rows}
         atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
     if not any(r.get("status") == "ok" for r in rows):

@@ -8,6 +8,13 @@ import click
 from .errors import RegionKDError
 
 
+def version_option(fn):
+    """`--version` on every regionkd command: 'regionkd-segment, regionkd 0.1.0'."""
+    from . import __version__
+
+    return click.version_option(__version__, "--version", message="%(prog)s, regionkd %(version)s")(fn)
+
+
 def run_cli(command: click.Command, argv=None) -> None:
     try:
         rc = command.main(args=argv, standalone_mode=False)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from .cli_common import run_cli
+from .cli_common import run_cli, version_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option
 def sign_group():
     """Sign model bundles so that scanner software runs only the models its vendor released."""
 

@@ -1,4 +1,6 @@
-"""Read a DICOM CT series folder into a nibabel image (needs the `dicom` extra: pydicom).
+"""Read a DICOM CT series (a folder, or datasets retrieved from a PACS) into a nibabel image
+(needs the `dicom` extra: pydicom); `load_dicom_series` also keeps the slices' headers, which a
+DICOM SEG of the result references. A series whose Modality is not CT is refused.
 
 HU = stored value * RescaleSlope + RescaleIntercept, per slice. Geometry comes from
 ImageOrientationPatient (row and column direction cosines) and ImagePositionPatient, with
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -80,6 +83,19 @@ def _read_slices(folder: Path, pydicom):
     return slices
 
 
+def _header_only(ds):
+    """A new dataset with every element of `ds` but its pixel data (the caller's `ds` is unchanged)."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for elem in ds:
+        if elem.keyword != "PixelData":
+            out.add(elem)
+    if getattr(ds, "file_meta", None) is not None:
+        out.file_meta = ds.file_meta
+    return out
+
+
 def _pixels(ds, path: Path, shape2d) -> np.ndarray:
     try:
         pixels = ds.pixel_array
@@ -91,22 +107,70 @@ def _pixels(ds, path: Path, shape2d) -> np.ndarray:
     return pixels
 
 
+@dataclass
+class DicomSeries:
+    """A CT series read into a volume: `image` (float32 HU, RAS) and the slices' headers in the
+    volume's slice order (`datasets[k]` is slice k; pixel data dropped once decoded), which a
+    DICOM SEG of the result must reference."""
+    image: nib.Nifti1Image
+    datasets: list
+    where: str
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.datasets[0].get("StudyInstanceUID", ""))
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.datasets[0].get("SeriesInstanceUID", ""))
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [str(ds.SOPInstanceUID) for ds in self.datasets]
+
+
 def read_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
     """A float32 HU Nifti1Image in RAS world coordinates from one DICOM series in `folder`
     (see the module doc for what must be in it); more than `max_voxels` voxels are refused before
     any pixel data is decoded."""
+    return load_dicom_series(folder, max_voxels=max_voxels).image
+
+
+def load_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> DicomSeries:
+    """Like `read_dicom_series`, with the slices' headers (`DicomSeries`)."""
     pydicom = require("pydicom", extra="dicom", purpose="reading DICOM series")
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"DICOM series {folder}: not a folder")
-    slices = _read_slices(folder, pydicom)
+    return _assemble(_read_slices(folder, pydicom), str(folder), max_voxels)
+
+
+def series_from_datasets(datasets, where: str, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> DicomSeries:
+    """A `DicomSeries` from datasets already in memory (e.g. retrieved over DICOMweb); `where`
+    names them in messages. Datasets without pixel data are skipped, as in a folder."""
+    slices = []
+    for n, ds in enumerate(datasets):
+        if "PixelData" not in ds:
+            continue
+        name = Path(f"{where} instance {ds.get('SOPInstanceUID', n + 1)}")
+        slices.append((name, ds, _geometry(ds, name)))
+    return _assemble(slices, where, max_voxels)
+
+
+def _assemble(slices, where: str, max_voxels) -> DicomSeries:
     if not slices:
-        raise InputError(f"DICOM series {folder}: no DICOM image slices found")
+        raise InputError(f"DICOM series {where}: no DICOM image slices found")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds, _ in slices}
     if len(series) > 1:
-        raise InputError(f"DICOM series {folder}: holds {len(series)} series; put each series in its own folder")
+        raise InputError(f"DICOM series {where}: holds {len(series)} series; put each series in its own folder")
+    modalities = {str(ds.get("Modality", "")) for _, ds, _ in slices} - {""}
+    if modalities and modalities != {"CT"}:
+        raise InputError(f"DICOM series {where}: modality {', '.join(sorted(modalities))}, not CT; the models "
+                         "segment CT in Hounsfield units")
     if len(slices) < 2:
-        raise InputError(f"DICOM series {folder}: only one slice; a CT volume needs at least two")
+        raise InputError(f"DICOM series {where}: only one slice; a CT volume needs at least two")
+    if len({str(ds.get("SOPInstanceUID", n)) for n, (_, ds, _) in enumerate(slices)}) != len(slices):
+        raise InputError(f"DICOM series {where}: two slices share one SOPInstanceUID (a file copied twice?)")
 
     first_path, _, first = slices[0]
     orient = first["ImageOrientationPatient"]
@@ -124,7 +188,7 @@ def read_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAUL
                              f"{first['PixelSpacing'].tolist()} of {first_path.name}")
     voxels = shape2d[0] * shape2d[1] * len(slices)
     if max_voxels is not None and voxels > max_voxels:
-        raise InputError(f"DICOM series {folder}: {shape2d[0]}x{shape2d[1]}x{len(slices)} = {voxels:,} voxels, more "
+        raise InputError(f"DICOM series {where}: {shape2d[0]}x{shape2d[1]}x{len(slices)} = {voxels:,} voxels, more "
                          f"than the limit of {max_voxels:,}")
 
     positions = np.array([g["ImagePositionPatient"] for _, _, g in slices])
@@ -132,18 +196,20 @@ def read_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAUL
     positions = positions[order]
     steps = np.diff(positions @ normal)
     if np.any(steps < 1e-3):
-        raise InputError(f"DICOM series {folder}: two slices share one position along the slice normal")
+        raise InputError(f"DICOM series {where}: two slices share one position along the slice normal")
     if np.ptp(steps) > 0.01 * steps.mean() + 1e-3:
-        raise InputError(f"DICOM series {folder}: slice spacing varies ({steps.min():.3f}-{steps.max():.3f} mm); "
-                         "resample the series to uniform spacing first")
+        raise InputError(f"DICOM series {where}: slice spacing varies ({steps.min():.3f}-{steps.max():.3f} mm); "
+                         "a slice is missing (an incomplete series?) or the series needs resampling to uniform spacing")
 
     row_spacing, col_spacing = (float(v) for v in first["PixelSpacing"])  # between rows, between columns
     volume = np.empty((shape2d[1], shape2d[0], len(slices)), dtype=np.float32)  # (columns, rows, slices)
+    headers = []
     for k, idx in enumerate(order):
         path, ds, g = slices[idx]
         pixels = _pixels(ds, path, shape2d).astype(np.float32) * float(g["RescaleSlope"][0]) \
             + float(g["RescaleIntercept"][0])
         volume[:, :, k] = pixels.T
+        headers.append(_header_only(ds))     # a SEG needs the headers; the voxels are in `volume`
 
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing        # i: along a row, column index increases
@@ -155,4 +221,4 @@ def read_dicom_series(folder: str | os.PathLike, max_voxels: int | None = DEFAUL
     image.header.set_qform(affine, code=1)
     image.header.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    return image
+    return DicomSeries(image=image, datasets=headers, where=where)

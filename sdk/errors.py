@@ -42,3 +42,8 @@ def require(module: str, extra: str | None = None, purpose: str = "") -> ModuleT
         hint = f"pip install 'regionkd[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
         what = f" (needed for {purpose})" if purpose else ""
         raise MissingDependencyError(f"Python module '{module}' is not installed{what}: {hint}") from exc
+
+
+class PacsError(RegionKDError):
+    """A PACS (DICOMweb) that cannot be reached, refuses a request, or answers with something
+    unusable (a partial series, a series that is not CT); the message names the PACS and the request."""

@@ -34,6 +34,26 @@ _MM = {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}
 _RANGE_MM = {"type": "array", "minItems": 2, "maxItems": 2, "items": _MM}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 
+_TEXT = {"type": "string", "maxLength": 4096}
+# a coded concept: [code value, coding scheme designator, code meaning], e.g. ["10200004", "SCT", "Liver"]
+_CODE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "string", "minLength": 1, "maxLength": 64}}
+# what a bundle is judged by; field names of MONAI's bundle metadata.json where it has one
+METADATA_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "version": {"type": "string", "minLength": 1, "maxLength": 64},      # the model's version (DICOM SEG too)
+        "changelog": {"type": "object", "maxProperties": 1000, "additionalProperties": _TEXT},
+        "description": _TEXT,
+        "authors": {"type": "string", "maxLength": 1024},
+        "copyright": {"type": "string", "maxLength": 1024},
+        "license": {"type": "string", "maxLength": 256},                     # an SPDX id or a short text
+        "intended_use": _TEXT,
+        "references": {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 1024}},
+        "task": {"type": "string", "maxLength": 256},
+        "data_source": _TEXT,
+    },
+}
+
 FILE_SCHEMA = {
     "type": "object",
     "required": ["path", "precision", "backends", "bytes", "sha256"],
@@ -70,6 +90,11 @@ SCHEMA = {
                                 "items": {"type": "string", "minLength": 1, "maxLength": 64}},
                 "params": {"type": ["integer", "null"], "minimum": 0},
                 "gflops_per_slice": {"type": ["number", "null"], "minimum": 0},
+                # DICOM SEG codes per class name, for classes whose name has no built-in SNOMED CT code
+                "segment_codes": {"type": "object", "maxProperties": 254,
+                                  "additionalProperties": {"type": "object", "required": ["category", "type"],
+                                                           "properties": {"category": _CODE, "type": _CODE,
+                                                                          "anatomic_region": _CODE}}},
             },
         },
         "preprocessing": {
@@ -101,6 +126,7 @@ SCHEMA = {
         "files": {"type": "array", "minItems": 1, "maxItems": 256, "items": FILE_SCHEMA},
         "metrics": {"type": "object"},
         "provenance": {"type": "object"},
+        "metadata": METADATA_SCHEMA,
     },
 }
 
@@ -193,6 +219,9 @@ def _semantic_problems(manifest: dict):
     lo, hi = prep["window"]
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         yield "preprocessing.window", f"must be [lo, hi] with lo < hi, got {prep['window']!r}"
+    for name in (model.get("segment_codes") or {}):
+        if name not in names:
+            yield "model.segment_codes", f"{name!r} is not one of the class names {names}"
     for label in prep.get("largest_component_labels", []):
         if label >= len(names):
             yield "preprocessing.largest_component_labels", \

@@ -32,6 +32,7 @@ from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .mask_io import check_output_path, mask_image, write_mask
 from .nifti_bounds import DEFAULT_MAX_VOXELS
+from .outputs import OUTPUT_TYPES, check_output_type, seg_path_for, statistics_path_for  # noqa: F401
 from .orientation import slice_geometry, to_canonical
 from .plausibility import Findings, check_geometry, check_header, check_intensities, check_spacing
 from .postprocess import keep_largest_components
@@ -41,6 +42,7 @@ from .timing import StageTimer
 from .volume_io import validate_image
 
 LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "metastasis")
+EXTRA_STAGES = ("statistics", "dicom_seg")      # timed when asked for, outside timing.STAGES, in the total
 
 
 @dataclass
@@ -54,6 +56,9 @@ class SegmentationResult:
     axial_axis: int = 2              # the input's voxel axis that was sliced as axial
     spacing_mm: tuple = ()           # voxel size along the canonical (x, y, z) axes
     bundle_signature: str = ""       # e.g. "signature verified (key ...)" or "unsigned (no trusted key configured)"
+    statistics: dict | None = None   # per-class volumes and HU, lesions (regionkd.sdk.statistics), when asked for
+    outputs: dict = field(default_factory=dict)    # what segment_file wrote: {"nifti": path, "dicom-seg": path, ...}
+    dicom_seg: object = None         # the DICOM SEG dataset (pydicom), for a DICOM series input with dicom-seg output
 
     @property
     def num_slices(self) -> int:
@@ -83,7 +88,8 @@ def image_to_hu(image, name: str = "image", complex_ok: bool = False) -> np.ndar
     """float32 voxels of an in-memory nibabel image, validated like a file (3D, finite, usable affine;
     complex voxels refused unless complex_ok, then their real part)."""
     if not isinstance(image, nib.spatialimages.SpatialImage):
-        raise InputError(f"{name}: expected a nibabel image, got {type(image).__name__}")
+        raise InputError(f"{name}: expected a nibabel image or a numpy array with its affine, got "
+                         f"{type(image).__name__}")
     dataobj = image.dataobj
     if np.dtype(image.get_data_dtype()).kind == "c":
         if not complex_ok:
@@ -93,6 +99,43 @@ def image_to_hu(image, name: str = "image", complex_ok: bool = False) -> np.ndar
     else:
         data = dataobj.get_scaled(np.float32) if hasattr(dataobj, "get_scaled") else np.asarray(dataobj, dtype=np.float32)
     return validate_image(data, image.affine, name)[0]
+
+
+def array_image(array, affine, name: str = "image") -> nib.Nifti1Image:
+    """A NIfTI image of a 3D numpy array of HU and its 4x4 RAS affine (qform and sform code 1)."""
+    if affine is None:
+        raise InputError(f"{name}: a numpy array needs its affine (4x4 voxel-to-world, RAS, mm): "
+                         "segment(array, affine=...)")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"{name}: the affine must be 4x4, got shape {affine.shape}")
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf" and not (array.dtype.kind == "c"):
+        raise InputError(f"{name}: voxels of type {array.dtype} are not numbers")
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    return image
+
+
+class _Stage:
+    """Adds the milliseconds of a block to `timings[name]` and to `timings["total"]` (for the steps
+    outside the five STAGES: statistics, dicom_seg)."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        import time
+
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        import time
+
+        ms = (time.perf_counter() - self._start) * 1000.0
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + ms
+        self.timings["total"] = self.timings.get("total", 0.0) + ms
 
 
 def _verified_bundle(bundle, trusted_keys) -> Bundle:
@@ -111,19 +154,20 @@ class Segmenter:
     trusted_keys: public key files; with any (or REGIONKD_TRUSTED_KEYS set) only a bundle signed by
     one of them is loaded. allow_implausible: segment implausible volumes with warnings instead of
     refusing them. axial_axis: the input's voxel axis to slice as axial (default: the closest one).
-    max_voxels: larger volumes are refused before their data is read."""
+    max_voxels: larger volumes are refused before their data is read. device: the CUDA device (GPU
+    index) the TensorRT backends run on."""
 
     def __init__(self, bundle, backend: str = "auto", precision: str = "fp32", batch_size: int | None = None,
                  threads: int | None = None, largest_component: bool = True, trusted_keys=None,
                  allow_implausible: bool = False, axial_axis: int | None = None,
-                 max_voxels: int | None = DEFAULT_MAX_VOXELS):
+                 max_voxels: int | None = DEFAULT_MAX_VOXELS, device: int = 0):
         from .backends import create_backend
 
         self.backend = None
         self.bundle = _verified_bundle(bundle, trusted_keys)
         prep = self.bundle.preprocessing
         organ_labels = organ_labels_of(prep, self.bundle.class_names)
-        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size)
+        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size, device=device)
         self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size,
                     allow_implausible, axial_axis, max_voxels)
 
@@ -174,10 +218,17 @@ class Segmenter:
         with self._lock:
             return self.backend.run(batch)
 
-    def segment(self, image, name: str = "image", axial_axis: int | None = None) -> SegmentationResult:
-        """Segment an in-memory nibabel image; the mask has the image's shape, voxel order and affine."""
+    def segment(self, image, affine=None, name: str = "image", axial_axis: int | None = None,
+                statistics: bool = False) -> SegmentationResult:
+        """Segment an in-memory volume: a nibabel image, or a 3D numpy array of HU with its 4x4
+        voxel-to-world (RAS, mm) `affine`. The mask has the input's shape, voxel order and affine.
+        `statistics`: also compute `result.statistics` (regionkd.sdk.statistics)."""
         timer = StageTimer()
         findings = Findings(name)
+        if isinstance(image, np.ndarray) or (affine is not None and not isinstance(image, nib.spatialimages.SpatialImage)):
+            image = array_image(image, affine, name)
+        elif affine is not None:
+            raise InputError(f"{name}: give an affine only with a numpy array; a nibabel image has its own")
         with timer.stage("load"):
             dataobj = getattr(image, "dataobj", None)
             check_header(findings, getattr(image, "header", None),
@@ -185,7 +236,17 @@ class Segmenter:
             if not self.allow_implausible:
                 findings.settle(False)          # refused from the header alone: no voxel is read
             data = image_to_hu(image, name, complex_ok=self.allow_implausible)
-        return self._segment_array(data, image.affine, image.header, timer, name, findings, axial_axis)
+        result = self._segment_array(data, image.affine, image.header, timer, name, findings, axial_axis)
+        if statistics:
+            result.statistics = self._statistics(result, data, name)
+        return result
+
+    def _statistics(self, result, data, name) -> dict:
+        from .statistics import compute_statistics
+
+        with _Stage(result.timings, "statistics"):
+            return compute_statistics(np.asarray(result.mask.dataobj), data, result.mask.affine, self.class_names,
+                                      axial_axis=result.axial_axis, input_name=name)
 
     def _segment_array(self, data, affine, header, timer: StageTimer, name: str, findings: Findings | None = None,
                        axial_axis: int | None = None) -> SegmentationResult:
@@ -226,20 +287,48 @@ class Segmenter:
                                   spacing_mm=tuple(round(v, 4) for v in canonical.spacing),
                                   bundle_signature=self.bundle_signature)
 
-    def segment_file(self, input_path, output_path, keep_image: bool = False,
-                     axial_axis: int | None = None) -> SegmentationResult:
-        """Read a NIfTI file (or a DICOM series folder), segment it, write the mask atomically.
-        `keep_image` returns the input's HU voxels in `result.image` (e.g. for a preview) so that
-        nothing has to read the file a second time."""
-        input_path, output_path = Path(input_path), check_output_path(output_path)
-        if output_path.resolve() == input_path.resolve():
-            raise InputError(f"output {output_path} is the input file; refusing to overwrite it")
+    def segment_file(self, input_path, output_path, keep_image: bool = False, axial_axis: int | None = None,
+                     output_type: str = "nifti", statistics: bool = False, seg_path=None,
+                     statistics_path=None) -> SegmentationResult:
+        """Read a NIfTI file (or a DICOM series folder), segment it, write the result atomically.
+
+        output_type: "nifti" (a uint8 NIfTI mask at `output_path`), "dicom-seg" (a DICOM SEG at
+        `output_path`, which ends in .dcm; needs a DICOM series input) or "both" (the NIfTI mask at
+        `output_path` and the SEG at `seg_path`, default `<stem>.seg.dcm` beside it).
+        statistics: also compute `result.statistics` and write them as JSON (`statistics_path`,
+        default `<stem>.statistics.json` beside the mask). Every output is built before the first
+        is written, and each is written atomically. `keep_image` returns the input's HU voxels in
+        `result.image` (e.g. for a preview) so that nothing has to read the file a second time."""
+        check_output_type(output_type)
+        input_path, output_path = Path(input_path), Path(output_path)
+        paths = {}
+        if output_type == "dicom-seg":
+            if not output_path.name.lower().endswith(".dcm"):
+                raise InputError(f"output {output_path}: a DICOM SEG file name must end in .dcm")
+            paths["dicom-seg"] = output_path
+        else:
+            paths["nifti"] = check_output_path(output_path)
+            if output_type == "both":
+                paths["dicom-seg"] = Path(seg_path) if seg_path is not None else seg_path_for(output_path)
+        if statistics:
+            paths["statistics"] = Path(statistics_path) if statistics_path is not None else \
+                statistics_path_for(output_path)
+        for kind, path in paths.items():
+            if input_path.exists() and path.resolve() == input_path.resolve():
+                raise InputError(f"output {path} is the input file; refusing to overwrite it")
+        wants_seg = "dicom-seg" in paths
+        if wants_seg and not input_path.is_dir():
+            raise InputError(f"{input_path}: --output-type {output_type} needs a DICOM series folder as input (a "
+                             "DICOM SEG references the UIDs of the CT images it was computed from); this input is "
+                             "not a folder. Use --output-type nifti, or give the DICOM series")
         timer = StageTimer()
         findings = Findings(str(input_path))
+        series = None
         with timer.stage("load"):
             if input_path.is_dir():
-                from .dicom_io import read_dicom_series
-                image = read_dicom_series(input_path, max_voxels=self.max_voxels)
+                from .dicom_io import load_dicom_series
+                series = load_dicom_series(input_path, max_voxels=self.max_voxels)
+                image = series.image
                 data, affine, header = image_to_hu(image, str(input_path)), image.affine, image.header
                 scaling = None
             else:
@@ -250,13 +339,53 @@ class Segmenter:
                 scaling = vol.scaling
             check_header(findings, header, scaling)
         result = self._segment_array(data, affine, header, timer, str(input_path), findings, axial_axis)
+        if statistics:
+            result.statistics = self._statistics(result, data, str(input_path))
+        if wants_seg:
+            result.dicom_seg = self.dicom_segmentation(result, series)
         if keep_image:
             result.image = data
         del data
         with timer.stage("write"):
-            write_mask(result.mask, output_path)
-        result.timings.update({k: v for k, v in timer.as_dict().items()})
+            if "nifti" in paths:
+                write_mask(result.mask, paths["nifti"])
+            if wants_seg:
+                from .dicom_seg import write_segmentation
+                write_segmentation(result.dicom_seg, paths["dicom-seg"])
+            if statistics:
+                from .statistics import write_statistics
+                write_statistics(paths["statistics"], result.statistics)
+        extra = {k: result.timings[k] for k in EXTRA_STAGES if k in result.timings}
+        result.timings.update(timer.as_dict())
+        result.timings["total"] += sum(extra.values())
+        result.outputs = {k: str(v) for k, v in paths.items()}
         return result
+
+    def segment_series(self, series, statistics: bool = False, axial_axis: int | None = None) -> SegmentationResult:
+        """Segment a `regionkd.sdk.dicom_io.DicomSeries` (e.g. retrieved from a PACS) and build its
+        DICOM SEG (`result.dicom_seg`); nothing is written."""
+        timer = StageTimer()
+        findings = Findings(series.where)
+        with timer.stage("load"):
+            data = image_to_hu(series.image, series.where)
+            check_header(findings, series.image.header, None)
+        result = self._segment_array(data, series.image.affine, series.image.header, timer, series.where, findings,
+                                     axial_axis)
+        if statistics:
+            result.statistics = self._statistics(result, data, series.where)
+        result.dicom_seg = self.dicom_segmentation(result, series)
+        return result
+
+    def dicom_segmentation(self, result: SegmentationResult, series):
+        """The DICOM SEG (a highdicom Segmentation) of `result` over its source `series`."""
+        from .dicom_seg import algorithm_parameters, build_segmentation
+
+        algorithm = algorithm_parameters(self.bundle, getattr(self.backend, "precision", None),
+                                         getattr(self.backend, "name", None))
+        codes = ((self.bundle.manifest.get("model") or {}).get("segment_codes") if self.bundle is not None else None)
+        with _Stage(result.timings, "dicom_seg"):
+            return build_segmentation(np.asarray(result.mask.dataobj), series, self.class_names, algorithm=algorithm,
+                                      manifest_codes=codes)
 
     def close(self) -> None:
         if self.backend is not None:

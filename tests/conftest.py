@@ -171,3 +171,40 @@ def run_main(main, argv, capsys):
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- issue 13: DICOM series, Orthanc
+
+def write_phantom_series(folder, shape=(40, 36, 12), spacing=(0.8, 0.9, 2.5), with_distractor=False, **kwargs):
+    """The make_phantom CT written as a DICOM CT series in `folder`: (SeriesInfo, hu, affine)."""
+    from regionkd.sdk.dicom_write import write_ct_series
+
+    hu, affine = make_phantom(shape=shape, spacing=spacing, with_distractor=with_distractor)
+    return write_ct_series(hu, affine, folder, **kwargs), hu, affine
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory):
+    """The Orthanc of REGIONKD_ORTHANC_URL (started by .ci/run), or a private one for this session
+    (see tests/_services.py); fails under CI when there is none."""
+    from _services import Orthanc, need, start_orthanc
+
+    url = os.environ.get("REGIONKD_ORTHANC_URL")
+    if url:
+        server = Orthanc(url)
+        if not server.reachable():
+            need(f"REGIONKD_ORTHANC_URL={url} does not answer (is the Orthanc that .ci/run started still running?)")
+        yield server
+        return
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_server):
+    """The Orthanc, emptied: every test that uses it starts from an empty store."""
+    orthanc_server.clear()
+    return orthanc_server

@@ -42,7 +42,9 @@ def test_bench_reports_every_precision_with_stage_breakdown(tiny_bundle, tmp_pat
     for r in rows:
         assert r["status"] == "ok" and r["slices"] == 6 and r["repeat"] == 3 and r["params"] == 6
         assert r["size_bytes"] == (tiny_bundle / r["model_file"]).stat().st_size
-        assert r["min_ms"] <= r["median_ms"] <= r["p95_ms"]
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["min_ms"] <= r["mean_ms"] <= r["max_ms"]
+        assert r["sd_ms"] >= 0 and r["p95_ms"] is None and r["p99_ms"] is None      # 3 runs estimate no tail
+        assert r["peak_rss_scope"] == "configuration"
         stages = r["stages_median_ms"]
         assert set(stages) == set(STAGES) and all(v > 0 for v in stages.values())
         share = 1 - stages["inference"] / r["median_ms"]
@@ -84,11 +86,14 @@ def test_only_unavailable_backends_fail(tiny_bundle, capsys):
 
 def test_format_table_lists_skipped_rows():
     row = {"model": "m", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "median_ms": 10.0,
-           "p95_ms": 12.0, "stages_median_ms": dict.fromkeys(STAGES, 2.0), "outside_inference_share": 0.8,
+           "mean_ms": 10.5, "sd_ms": 0.7, "p95_ms": 12.0, "p99_ms": None, "gpu_median_ms": 3.25,
+           "stages_median_ms": dict.fromkeys(STAGES, 2.0), "outside_inference_share": 0.8,
            "slices_per_s": 100.0, "size_bytes": 2_000_000, "params": 1234, "peak_rss_mb": 50.0}
     skipped = {"model": "m", "backend": "tensorrt", "precision": "int8", "status": "skipped", "reason": "no GPU"}
     table = format_table([row, skipped]).splitlines()
     assert "10.0" in table[2] and "80.0" in table[2] and "2.000" in table[2] and "1,234" in table[2]
+    assert "10.5 ± 0.7" in table[2] and "12.0" in table[2] and "3.2" in table[2]          # mean ± SD, p95, gpu ms
+    assert "gpu ms" in table[0] and "p99 ms" in table[0]
     assert "skipped: no GPU" in table[3]
 
 
@@ -113,3 +118,40 @@ def test_torch_checkpoint_is_timed_side_by_side(tiny_bundle, tmp_path, capsys):
     assert torch_row["params"] == sum(p.numel() for p in model.parameters())
     assert torch_row["size_bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert "tinynet (student)" in stdout
+
+
+def test_percentiles_need_enough_runs_and_peaks_are_per_configuration(tiny_bundle, tmp_path, capsys):
+    from regionkd.sdk.cli_bench import peak_rss_mb, reset_peak_rss, tail
+
+    assert tail(list(range(19)), 95) is None and tail(list(range(20)), 95) == pytest.approx(18.05)
+    assert tail(list(range(99)), 99) is None and tail(list(range(100)), 99) is not None
+    # a big allocation raises the peak; after a reset the peak is back near what the process holds now
+    assert reset_peak_rss()
+    base, scope = peak_rss_mb()
+    block = np.ones(200_000_000 // 8)                 # 200 MB touched
+    high, _ = peak_rss_mb()
+    del block
+    assert reset_peak_rss()
+    after, _ = peak_rss_mb()
+    assert scope == "configuration" and high > base + 150 and after < high - 150
+
+
+def test_bench_times_a_dicom_series_folder_with_the_auto_backend(tiny_bundle, tmp_path, capsys):
+    pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
+    from conftest import make_phantom
+
+    from regionkd.sdk.dicom_write import write_ct_series
+
+    hu, affine = make_phantom()
+    write_ct_series(hu, affine, tmp_path / "series")
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run([tiny_bundle, "--volume", tmp_path / "series", "--precisions", "fp32", "--repeat", "2",
+                           "--json", out, "--quiet"], capsys)
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["volume"] == {"source": str(tmp_path / "series"), "kind": "dicom", "shape": [40, 36, 12]}
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["slices"] == 12
+    import shutil
+    if shutil.which("nvidia-smi") is None:
+        assert row["backend"] == "onnxruntime"        # what auto chooses without a GPU

@@ -246,7 +246,9 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
         assert {"arch", "runtime", "precision", "volume_shape", "latency_ms", "breakdown_ms", "bytes", "params",
                 "gflops_per_slice"} <= set(r)
         assert r["volume_shape"] == [64, 64, 8] and r["slices"] == 8
-        assert 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p95"]
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["median"] and lat["mean"] > 0 and lat["sd"] >= 0
+        assert lat["p95"] is None or lat["median"] <= lat["p95"]      # a p95 only from 20 repeats on
         assert set(r["breakdown_ms"]) == set(STAGES) and all(v > 0 for v in r["breakdown_ms"].values())
         assert r["share_of_sgemm"] == pytest.approx(r["achieved_gflops_per_s"] / sgemm[0]["gflops_per_s"])
     for r in measured[2:4]:

@@ -96,7 +96,9 @@ def test_folder_input_quiet_and_preview(tiny_bundle, phantom_nifti, tmp_path, ca
     out_dir = tmp_path / "masks"
     code, out, err = run([tiny_bundle, folder, "-o", out_dir, "--backend", "onnxruntime", "--quiet",
                           "--preview", tmp_path / "prev.png"], capsys)
-    assert code == 0 and out == "" and err == ""
+    # --quiet: no progress bar, banner or summary, but each volume's result line (issue 13)
+    assert code == 0 and err == ""
+    assert [l.split(" (")[0] for l in out.splitlines()] == [str(folder / "a.nii.gz"), str(folder / "b.nii.gz")]
     assert leftovers(out_dir) == ["a.nii.gz", "b.nii.gz"]
     png = np.asarray(Image.open(tmp_path / "prev_a.png").convert("RGB")).astype(int)
     assert (tmp_path / "prev_b.png").is_file()
@@ -286,5 +288,5 @@ def test_warnings_reach_the_per_volume_line_and_quiet_output(tiny_bundle, tmp_pa
     assert "; warning: in-plane spacing 0.2 x 0.2 mm is far outside" in line
     assert "1 of 1 volumes segmented, 1 with warnings" in err
     code, stdout, err = run([tiny_bundle, path, "-o", tmp_path / "m.nii.gz", "--backend", "onnxruntime", "-q"], capsys)
-    assert code == 0 and stdout == ""
+    assert code == 0 and stdout.count("\n") == 1 and "; warning: in-plane spacing 0.2 x 0.2 mm" in stdout
     assert err.startswith(f"warning: {path}: in-plane spacing 0.2 x 0.2 mm is far outside")

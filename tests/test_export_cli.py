@@ -229,3 +229,61 @@ def test_export_signs_with_sign_key_and_records_the_training_spacing(data, check
     # a key that is not a private key stops the export before any work, leaving nothing
     code, _, err = run_main(main, args[:2] + [tmp_path / "never.bundle"] + args[3:] + ["--sign-key", pub], capsys)
     assert code == 1 and "not a PEM private key" in err and not (tmp_path / "never.bundle").exists()
+
+
+# ---------------------------------------------------------------- issue 13: defaults that work, metadata, names only
+
+def test_the_defaults_work_without_any_data(checkpoint, tmp_path, capsys):
+    """`regionkd-export CKPT --out DIR`: fp32 + fp16 (no int8 without --calib), parity on a synthetic CT."""
+    from conftest import run_main
+
+    out = tmp_path / "plain.bundle"
+    code, stdout, err = run_main(main, [checkpoint, "--out", out], capsys)
+    assert code == 0, err
+    bundle = load_bundle(out)
+    assert bundle.precisions == ["fp32", "fp16"]
+    m = bundle.manifest
+    assert m["metrics"]["fp32"]["parity_data"] == "synthetic"
+    assert m["metrics"]["fp32"]["parity"]["max_abs_logit_diff"] < 1e-3
+    assert "synthetic CT" in stdout + err and "metadata" not in m
+
+
+def test_int8_without_calib_is_refused_before_any_work_or_progress_bar(checkpoint, tmp_path, capsys):
+    from conftest import run_main
+
+    code, stdout, err = run_main(main, [checkpoint, "-o", tmp_path / "b", "--precisions", "fp32,int8"], capsys)
+    assert code == 1 and "--calib" in err
+    assert "steps" not in err and "load checkpoint" not in err      # no bar was drawn
+    assert not (tmp_path / "b").exists()
+    code, _, err = run_main(main, [tmp_path / "missing.pt", "-o", tmp_path / "b"], capsys)
+    assert code == 1 and "missing.pt" in err and "steps" not in err
+
+
+def test_metadata_fields_and_provenance_without_absolute_paths(data, checkpoint, tmp_path, capsys):
+    from conftest import run_main
+
+    from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)       # provenance as the trainer writes it: absolute paths
+    ckpt["provenance"].update(data=str(tmp_path / "secret" / "lits"), unlabelled=str(tmp_path / "secret" / "more"),
+                              teacher={"path": str(tmp_path / "secret" / "teacher.pt"), "sha256": "ab" * 32,
+                                       "arch": "unet"})
+    path = tmp_path / "student-kd.pt"
+    save_checkpoint(path, ckpt)
+    out = tmp_path / "meta.bundle"
+    code, _, err = run_main(main, [path, "--out", out, "--precision", "fp32", "--val", data[1], "--engine", "never",
+                                   "--model-version", "1.4.2", "--description", "liver and liver tumours on CT",
+                                   "--authors", "Imaging Team", "--license", "Apache-2.0",
+                                   "--intended-use", "research use only", "--reference", "doi:10.1109/TMI.2021.3098703",
+                                   "--copyright", "(c) 2026 Imaging Team", "--quiet"], capsys)
+    assert code == 0, err
+    m = load_bundle(out).manifest
+    assert m["metadata"] == {"version": "1.4.2", "description": "liver and liver tumours on CT",
+                             "authors": "Imaging Team", "license": "Apache-2.0", "intended_use": "research use only",
+                             "references": ["doi:10.1109/TMI.2021.3098703"], "copyright": "(c) 2026 Imaging Team"}
+    text = (out / "manifest.json").read_text()
+    assert str(tmp_path) not in text and "/secret/" not in text
+    prov = m["provenance"]
+    assert prov["checkpoint"] == {"name": "student-kd.pt", "sha256": prov["checkpoint"]["sha256"]}
+    assert prov["teacher"] == {"name": "teacher.pt", "sha256": "ab" * 32, "arch": "unet"}
+    assert prov["data"] == "lits" and prov["unlabelled"] == "more" and m["validation"]["data"] == data[1].name

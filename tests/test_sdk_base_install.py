@@ -19,6 +19,9 @@ import json, sys
 import regionkd.sdk
 from regionkd.sdk import Segmenter, load_bundle
 import regionkd.sdk.cli_segment, regionkd.sdk.cli_bench, regionkd.sdk.dicom_io, regionkd.sdk.preview
+import regionkd.sdk.dicom_seg, regionkd.sdk.dicom_write, regionkd.sdk.dicomweb, regionkd.sdk.pacs
+import regionkd.sdk.statistics, regionkd.sdk.report, regionkd.sdk.outputs
+from regionkd.sdk import read_dicom_series, load_dicom_series, compute_statistics
 seg = Segmenter(sys.argv[1], backend=sys.argv[2])
 seg.close()
 heavy = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "regionkd.train", "regionkd.export"))]

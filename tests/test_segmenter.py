@@ -226,7 +226,8 @@ def test_memory_stays_flat_over_many_volumes(tiny_bundle):
     (lambda hu, a: nib.Nifti1Image(np.stack([hu, hu], axis=-1), a), "4D"),
     (lambda hu, a: nib.Nifti1Image(np.where(hu > 50, np.nan, hu).astype(np.float32), a), "NaN"),
     (lambda hu, a: nib.Nifti1Image(np.where(hu > 50, np.inf, hu).astype(np.float32), a), "infinite"),
-    (lambda hu, a: hu, "expected a nibabel image"),
+    (lambda hu, a: hu, "a numpy array needs its affine"),
+    (lambda hu, a: hu.tolist(), "expected a nibabel image or a numpy array"),
 ])
 def test_bad_in_memory_images_are_refused(tiny_bundle, make, message):
     hu, affine = make_phantom(shape=(16, 16, 4), with_distractor=False)
@@ -301,3 +302,16 @@ def test_a_layout_sensitive_model_gives_the_same_mask_for_every_storage(tmp_path
                     data = np.array(np.asarray(stored.dataobj), order=order)
                     mask = seg.segment(nib.Nifti1Image(data, stored.affine, stored.header)).mask
                     assert np.array_equal(to_ras(mask), reference), (codes, order)
+
+
+def test_a_numpy_array_with_its_affine_is_segmented_like_the_nibabel_image(tiny_bundle):
+    hu, affine = make_phantom()
+    with Segmenter(tiny_bundle, backend="onnxruntime") as seg:
+        from_image = seg.segment(nib.Nifti1Image(hu, affine))
+        from_array = seg.segment(hu, affine=affine)
+        with pytest.raises(InputError, match="give an affine only with a numpy array"):
+            seg.segment(nib.Nifti1Image(hu, affine), affine=affine)
+        with pytest.raises(InputError, match="the affine must be 4x4"):
+            seg.segment(hu, affine=np.eye(3))
+    assert np.array_equal(np.asarray(from_image.mask.dataobj), np.asarray(from_array.mask.dataobj))
+    assert np.array_equal(from_array.mask.affine, affine) and from_array.statistics is None

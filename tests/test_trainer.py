@@ -184,3 +184,26 @@ def test_worker_processes_do_not_change_the_run(data, cache, tmp_path):
     a = train(make_config("student", "tinynet", data, tmp_path / "w0.pt", cache_dir=cache, workers=0, **TINY))
     b = train(make_config("student", "tinynet", data, tmp_path / "w2.pt", cache_dir=cache, workers=2, **TINY))
     assert a["params_sha256"] == b["params_sha256"]
+
+
+def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Issue 13: before training, the device, the preset and an estimate of the run's length (measured on
+    two steps of a copy of the network); measuring changes nothing in the run."""
+    from regionkd.train.trainer import TrainingRun
+
+    opts = {**TINY, "quiet": False}
+    loud = train(make_config("student", "tinynet", data, tmp_path / "loud.pt", cache_dir=cache, seed=5, **opts))
+    err = capsys.readouterr().err
+    assert "student tinynet on cpu (1 process), preset demo: 64 px, batch 4, 1 epochs x 3 steps" in err
+    assert "3 steps to go at about" in err and "s/step (measured here): about" in err
+    start = [r for r in read_log(tmp_path / "loud.pt") if r["event"] == "start"][0]
+    assert start["estimate"]["device"] == "cpu" and start["estimate"]["steps"] == 3
+    assert start["estimate"]["estimated_step_s"] > 0
+    monkeypatch.setattr(TrainingRun, "announce", lambda self: {})
+    silent = train(make_config("student", "tinynet", data, tmp_path / "silent.pt", cache_dir=cache, seed=5, **opts))
+    assert loud["params_sha256"] == silent["params_sha256"]
+    monkeypatch.undo()
+    paper = {**opts, "preset": "paper", "max_steps": 1}
+    train(make_config("student", "tinynet", data, tmp_path / "paper.pt", cache_dir=cache, **paper))
+    assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in capsys.readouterr().err

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from regionkd.sdk.cli_common import run_cli
+from regionkd.sdk.cli_common import run_cli, version_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option
 def cli():
     """Make phantom CT data, train a teacher and students (with or without region-aware
     knowledge distillation), and evaluate checkpoints on CT volumes."""

@@ -18,10 +18,11 @@ def shared_training_options(fn):
     options = [
         click.option("--data", "data", required=True, type=click.Path(path_type=Path),
                      help="Dataset root (LiTS, KiTS19 or MSD layout, or phantoms)."),
-        click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+        click.option("-o", "--out", "--output", "out", required=True, type=click.Path(path_type=Path),
                      help="Checkpoint to write (every epoch and at the end); the log goes beside it as <stem>.log.jsonl."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
-                     help=f"Starting values for the options below ({PRESET_HELP})."),
+                     help=f"Starting values for the options below ({PRESET_HELP}). The device, the preset and an "
+                          "estimate of the run's length are printed before training starts."),
         click.option("--epochs", type=int, help="Epochs (an epoch: samples_per_epoch slices, lesion-oversampled)."),
         click.option("--max-steps", type=int, help="Train at most this many optimiser steps; the cosine lr "
                                                    "schedule spans the steps actually trained."),

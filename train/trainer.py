@@ -415,16 +415,70 @@ class TrainingRun:
         self.in_epoch += 1
         return {"terms": terms, "lr": lr}
 
+    def estimate_step_s(self) -> float:
+        """Seconds of one training step, measured on two steps of a copy of the network with a batch
+        of this run's shape (and the teacher's forward pass when distilling without a cache). The
+        run's network, optimiser and random state are untouched."""
+        import copy
+
+        cfg, proc = self.cfg, self.proc
+        net = copy.deepcopy(self.net).train()
+        x = torch.zeros(cfg.batch_size, 1, cfg.input_size, cfg.input_size, device=proc.device)
+        teacher = getattr(self.teacher_side, "teacher", None) if self.teacher_side is not None else None
+        if self.teacher_side is not None and self.teacher_side.cache is not None:
+            teacher = None                       # a cached teacher costs a lookup, not a forward pass
+        devices = [proc.device.index or 0] if proc.device.type == "cuda" else []
+        seconds = []
+        with torch.random.fork_rng(devices=devices):
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with autocast(proc, cfg):
+                    out = net.forward_features(x)[0] if cfg.mode == "distill" else net(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher(x)
+                out.float().mean().backward()
+                if proc.device.type == "cuda":
+                    torch.cuda.synchronize(proc.device)
+                seconds.append(time.perf_counter() - t0)
+        del net
+        return seconds[-1]
+
+    def announce(self) -> dict:
+        """Say before training what will run where and for about how long (stderr; also logged)."""
+        import sys
+
+        cfg, proc = self.cfg, self.proc
+        remaining = max(0, self.stop_at - self.step)
+        step_s = self.estimate_step_s()
+        total_s = step_s * remaining
+        info = {"device": str(proc.device), "processes": proc.world, "preset": cfg.preset, "steps": remaining,
+                "estimated_step_s": round(step_s, 5), "estimated_s": round(total_s, 3)}
+        if not cfg.quiet and proc.is_main:
+            lines = [f"{cfg.mode} {cfg.arch} on {proc.device} ({proc.world} process{'es' if proc.world > 1 else ''}), "
+                     f"preset {cfg.preset}: {cfg.input_size} px, batch {cfg.batch_size}, {cfg.epochs} epochs x "
+                     f"{self.steps_per_epoch} steps" + (f", stopping at step {self.stop_at}" if
+                                                        self.stop_at < self.total_steps else "") +
+                     f"; {remaining} steps to go at about {step_s:.2f} s/step (measured here): "
+                     f"about {format_duration(total_s)}"]
+            if proc.device.type == "cpu" and cfg.preset == "paper":
+                lines.append("note: the paper preset (384 px, 30 epochs) is sized for a GPU; on a CPU "
+                             "--preset demo trains in minutes")
+            print("\n".join(lines), file=sys.stderr, flush=True)
+        return info
+
     def run(self) -> dict:
         from tqdm import tqdm
 
         cfg, proc = self.cfg, self.proc
+        estimate = self.announce() if proc.is_main else {}
         t_start = time.perf_counter()
         self.log.write(event="resume" if self.resumed else "start", step=self.step, epoch=self.epoch,
                        world_size=proc.world, device=str(proc.device), steps_per_epoch=self.steps_per_epoch,
                        total_steps=self.total_steps, target_steps=self.target_steps, config=cfg.to_flat_dict(),
                        train_cases=len(self.data.train_ids), train_slices=len(self.data.train_ds),
-                       unlabelled_slices=len(self.data.unlabelled_ds) if self.data.unlabelled_ds else 0)
+                       unlabelled_slices=len(self.data.unlabelled_ds) if self.data.unlabelled_ds else 0,
+                       estimate=estimate)
         bar = tqdm(total=self.target_steps, initial=self.step, disable=cfg.quiet or not proc.is_main, unit="step",
                    desc=f"{cfg.mode} {cfg.arch}", dynamic_ncols=True)
         step_times: list[float] = []
@@ -476,6 +530,16 @@ class TrainingRun:
             summary["teacher_cache"] = self.teacher_side.cache.summary()
         self.log.write(event="end", **summary)
         return summary
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 20 min'."""
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 def train(cfg: TrainConfig) -> dict:

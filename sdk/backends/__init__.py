@@ -33,7 +33,7 @@ def _tensorrt_available(rtx: bool) -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size):
+def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size, device: int = 0):
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
         return OnnxRuntimeBackend(bundle, precision, threads=threads, batch_size=batch_size)
@@ -41,11 +41,13 @@ def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size
     ok, reason = _tensorrt_available(rtx)
     if not ok:
         raise BackendError(f"backend {name} cannot run here: {reason}")
-    return _tensorrt_module().create_tensorrt_backend(bundle, precision, rtx=rtx, batch_size=batch_size)
+    return _tensorrt_module().create_tensorrt_backend(bundle, precision, rtx=rtx, batch_size=batch_size, device=device)
 
 
-def create_backend(name: str, bundle, precision: str, threads: int | None = None, batch_size: int | None = None):
-    """Create the backend `name` (one of BACKENDS) for `precision` of `bundle` (a Bundle or a bundle path)."""
+def create_backend(name: str, bundle, precision: str, threads: int | None = None, batch_size: int | None = None,
+                   device: int = 0):
+    """Create the backend `name` (one of BACKENDS) for `precision` of `bundle` (a Bundle or a bundle path);
+    `device`: the CUDA device (GPU index) of the TensorRT backends."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -54,17 +56,19 @@ def create_backend(name: str, bundle, precision: str, threads: int | None = None
         raise BackendError(f"batch size must be at least 1, got {batch_size}")
     if threads is not None and int(threads) < 1:
         raise BackendError(f"threads must be at least 1, got {threads}")
+    if int(device) < 0:
+        raise BackendError(f"device must be a GPU index >= 0, got {device}")
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if name != "auto":
-        return _create_named(name, bundle, precision, threads, batch_size)
+        return _create_named(name, bundle, precision, threads, batch_size, device)
     for candidate in ("tensorrt", "tensorrt-rtx"):
         ok, reason = _tensorrt_available(candidate == "tensorrt-rtx")
         if not ok:
             log.info("auto backend: not %s (%s)", candidate, reason)
             continue
         try:
-            backend = _create_named(candidate, bundle, precision, threads, batch_size)
+            backend = _create_named(candidate, bundle, precision, threads, batch_size, device)
         except RegionKDError as exc:
             log.warning("auto backend: %s is installed but cannot run %s of this bundle (%s)", candidate, precision, exc)
             continue

@@ -66,8 +66,8 @@ def import_pycuda():
         raise MissingDependencyError(f"pycuda does not load ({exc}): no NVIDIA driver here?") from exc
 
 
-def gpu_compute_capability() -> tuple[str | None, str]:
-    """(compute capability of GPU 0 as "8.7", or None, the reason when there is none).
+def gpu_compute_capability(device: int = 0) -> tuple[str | None, str]:
+    """(compute capability of GPU `device` as "8.7", or None, the reason when there is none).
 
     pycuda first (it is what the runtime uses); `nvidia-smi` as a fallback so the engine builder
     can name its engines on a machine with TensorRT but without pycuda."""
@@ -75,10 +75,12 @@ def gpu_compute_capability() -> tuple[str | None, str]:
     try:
         cuda = import_pycuda()
         cuda.init()
-        if cuda.Device.count() > 0:
-            major, minor = cuda.Device(0).compute_capability()
+        count = cuda.Device.count()
+        if count > device:
+            major, minor = cuda.Device(device).compute_capability()
             return f"{major}.{minor}", ""
-        reasons.append("CUDA sees no device")
+        reasons.append("CUDA sees no device" if count == 0 else
+                       f"CUDA device {device} does not exist (this machine has {count}: 0..{count - 1})")
     except MissingDependencyError as exc:
         reasons.append(str(exc))
     except Exception as exc:  # pycuda.driver.Error / RuntimeError: driver present but no usable GPU
@@ -86,7 +88,7 @@ def gpu_compute_capability() -> tuple[str | None, str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader", f"--id={device}"],
                                  capture_output=True, text=True, timeout=20)
             first = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
             if first and first.replace(".", "").isdigit():
@@ -243,7 +245,7 @@ class TensorRTBackend:
 
     thread_safe = True
 
-    def __init__(self, bundle, precision: str, rtx: bool = False, batch_size: int | None = None):
+    def __init__(self, bundle, precision: str, rtx: bool = False, batch_size: int | None = None, device: int = 0):
         self.name = backend_name(rtx)
         self.precision = precision
         self.last_gpu_ms = None
@@ -256,7 +258,8 @@ class TensorRTBackend:
         trt = import_trt(self.name)
         cuda = import_pycuda()
         self._cuda = cuda
-        cc, reason = gpu_compute_capability()
+        self.device = int(device)
+        cc, reason = gpu_compute_capability(self.device)
         if cc is None:
             raise BackendError(f"{self.name} cannot run here: {reason}")
         self.trt_version = short_version(trt.__version__)
@@ -269,7 +272,7 @@ class TensorRTBackend:
         self._use_runtime_cache = not bundle.signature.verified
         self._input_size = tuple(int(v) for v in bundle.preprocessing["input_size"])
         cuda.init()
-        self._cuda_context = cuda.Device(0).retain_primary_context()
+        self._cuda_context = cuda.Device(self.device).retain_primary_context()
         self._cuda_context.push()
         try:
             self._open(trt, cuda, blob, rtx, batch_size, bundle.num_classes)
@@ -400,10 +403,11 @@ class TensorRTBackend:
         self.close()
 
 
-def create_tensorrt_backend(bundle, precision: str, rtx: bool = False, batch_size: int | None = None):
-    """The TensorRT (or TensorRT-RTX) backend for `precision` of a loaded Bundle."""
+def create_tensorrt_backend(bundle, precision: str, rtx: bool = False, batch_size: int | None = None,
+                            device: int = 0):
+    """The TensorRT (or TensorRT-RTX) backend for `precision` of a loaded Bundle, on CUDA device `device`."""
     try:
-        return TensorRTBackend(bundle, precision, rtx=rtx, batch_size=batch_size)
+        return TensorRTBackend(bundle, precision, rtx=rtx, batch_size=batch_size, device=device)
     except RegionKDError:
         raise
     except Exception as exc:  # TensorRT/pycuda raise their own types (RuntimeError, pycuda.driver.Error)
