@@ -69,7 +69,8 @@ class Arm:
     def weights(self) -> str:
         if self.kd == "none":
             return "-"
-        parts = {"pmd": f"α={self.alpha:g}", "imd": f"β1={self.beta1:g}", "rad": f"β2={self.beta2:g}"}
+        parts = {"pmd": f"α={self.alpha:g}", "imd": f"β1={self.beta1:g}", "rad": f"β2={self.beta2:g}",
+                 "pl": "teacher's labels"}
         w = ", ".join(parts[t] for t in self.kd.split("+"))
         if "pmd" in self.kd:
             w += f", T={self.temperature:g}" + (", per class" if self.pmd_balance == "classes" else "")
@@ -106,6 +107,9 @@ ARMS = {a.name: a for a in (
     _ul("ul-L3-paper", 3, "alone-L3", kd="pmd+imd+rad", alpha=1.0, beta1=0.9, beta2=0.9),
     _ul("ul-all-classes", None, "alone", pmd_balance="classes"),
     _ul("ul-all-uonly", None, "alone", kd_on="unlabelled"),
+    _ul("ul-all-pl", None, "alone", kd="pl", kd_on="unlabelled"),
+    _ul("ul-L3-pl", 3, "alone-L3", kd="pl", kd_on="unlabelled"),
+    _ul("ul-all-pmd-pl", None, "alone", kd="pmd+pl"),
     _ul("ul-L3-uonly", 3, "alone-L3", kd_on="unlabelled"),
     Arm("pmd-T1", "weighted", kd="pmd", alpha=1.0, temperature=1.0),
     Arm("pmd-T2", "weighted", kd="pmd", alpha=1.0, temperature=2.0),
@@ -199,7 +203,7 @@ def read_log(ckpt_path: Path) -> dict:
                 if rec.get("step_s_median") is not None:
                     steps_s.append(rec["step_s_median"])
                 cache = rec.get("teacher_cache", cache)
-    return {"loss_final": {k: last.get(k) for k in ("seg", "pmd", "imd", "rad", "total")},
+    return {"loss_final": {k: last.get(k) for k in ("seg", "pmd", "imd", "rad", "pl", "total")},
             "train_seconds": round(seconds, 1), "step_s_median": steps_s[-1] if steps_s else None,
             "learning_curve": curve, "teacher_cache": cache}
 
@@ -337,7 +341,7 @@ def analyse(rows: list, lesion: str = "tumour") -> dict:
              "seeds": sorted(r["seed"] for r in rs), "rows": rs, "dice": {},
              "weights": arm.weights if arm else "-", "data": arm.data if arm else "-",
              "baseline": arm.baseline if arm else None,
-             "loss_final": {k: C.mean_std(r["loss_final"].get(k) for r in rs)[0] for k in ("seg", "pmd", "imd", "rad")},
+             "loss_final": {k: C.mean_std(r["loss_final"].get(k) for r in rs)[0] for k in ("seg", "pmd", "imd", "rad", "pl")},
              "step_s": C.mean_std(r.get("step_s_median") for r in rs)[0],
              "train_seconds": sum(r.get("train_seconds") or 0 for r in rs)}
         for c in rs[0]["dice"]:
@@ -391,19 +395,19 @@ def markdown_report(title: str, an: dict, command: str, machine: dict, extra_lin
         organ = classes[0]
         header = ["network", "arm", "data", "KD (weights)", "seeds", *[f"Dice {c}" for c in classes],
                   f"Δ{lesion} vs baseline [95% CI]", f"gap closed", f"Δ{organ} vs baseline", "vs baseline",
-                  "s/step", "seg", "pmd", "imd", "rad"]
+                  "s/step", "seg", "pmd", "imd", "rad", "pl"]
         body = []
         if t:
             body.append([f"{t['arch']} (teacher)", "-", "all labelled", "-", "1", *[C.fmt(t["dice"].get(c)) for c in classes],
                          "-", "-", "-", "-", C.fmt(t.get("step_s_median"), 3), C.fmt(t["loss_final"].get("seg"), 4),
-                         "-", "-", "-"])
+                         "-", "-", "-", "-"])
         order = {name: i for i, name in enumerate(ARMS)}
         for e in sorted(entries, key=lambda e: (e["arch"], LINES.index(e["line"]) if e["line"] in LINES else 9,
                                                 order.get(e["arm"], 99))):
             body.append([e["arch"], e["arm"], e["data"], e["weights"], e["n_seeds"], *[_pm(e["dice"][c]) for c in classes],
                          _diff(e["vs_baseline"].get(lesion)), C.fmt(e["gap_closed"].get(lesion), pct=True),
                          _diff(e["vs_baseline"].get(organ)), e["baseline"] or "-", C.fmt(e["step_s"], 3),
-                         *[C.fmt(e["loss_final"][k], 4) for k in ("seg", "pmd", "imd", "rad")]])
+                         *[C.fmt(e["loss_final"][k], 4) for k in ("seg", "pmd", "imd", "rad", "pl")]])
         lines += [f"## {task}", "", C.markdown_table(header, body, align="lllll" + "r" * (len(header) - 5)), ""]
         for e in entries:
             if e.get("teacher_lead"):

@@ -132,7 +132,7 @@ def test_distill_with_unlabelled_scans_never_reads_a_label(teacher_ckpt, data, u
                           teacher_cache=str(tmp_path / "tc"), **TINY))
     start = read_log(out)[0]
     assert start["unlabelled_slices"] == 30 and s["steps"] == 3
-    assert all(v is not None for r in step_losses(out) for v in r.values())
+    assert all(r[k] is not None for r in step_losses(out) for k in ("seg", "pmd", "imd", "rad", "total"))
     ckpt = load_checkpoint(out)
     assert ckpt["provenance"]["unlabelled"] == str(unlabelled.resolve())
     # the batches really carry unlabelled slices: the cache holds items of the unlabelled cases
@@ -179,6 +179,21 @@ def test_kd_rows_select_the_slices_the_terms_see():
     terms = DistillLoss(cfg, 3, distill=True)(s_logits, feats, labels, targets, kd_rows=torch.tensor([False, True, True]))
     assert terms["pmd"].item() == pytest.approx(L.pmd_loss(s_logits[1:], t_logits, 4.0).item())
     assert terms["seg"].item() == pytest.approx(L.segmentation_loss(s_logits[:1], labels[:1]).item())
+
+
+def test_pseudo_label_term_is_the_segmentation_loss_against_the_teachers_argmax():
+    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pl", pl_weight=0.5, preset="demo")
+    torch.manual_seed(2)
+    s_logits, labels = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    feats = {"low": torch.randn(2, 4, 4, 4), "high": torch.randn(2, 4, 2, 2)}
+    t_logits = torch.randn(2, 3, 8, 8)
+    targets = teacher_targets(type("T", (torch.nn.Module,), {"forward_features": lambda self, x: (
+        t_logits, {"low": torch.randn(2, 5, 4, 4), "high": torch.randn(2, 5, 2, 2)})})(), torch.zeros(2, 1, 8, 8), labels, 3)
+    terms = DistillLoss(cfg, 3, distill=True)(s_logits, feats, labels, targets)
+    expected = L.segmentation_loss(s_logits, t_logits.argmax(1))
+    assert terms["pl"].item() == pytest.approx(expected.item())
+    assert terms["total"].item() == pytest.approx(terms["seg"].item() + 0.5 * expected.item())
+    assert terms["pmd"] is None and make_config("distill", "x", "d", "o", teacher="t", preset="demo").kd == ("pmd", "imd", "rad")
 
 
 def test_seg_loss_uses_only_labelled_slices_and_kd_all():

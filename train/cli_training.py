@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import FEATURE_LEVELS, KD_ON, KD_TERMS, PMD_BALANCES, PRESETS
+from .config import FEATURE_LEVELS, KD_ON, KD_TERMS, PAPER_KD, PMD_BALANCES, PRESETS
 
 PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                                  ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))
@@ -87,14 +87,16 @@ def student(arch, labelled_cases, **opts):
 @click.option("--arch", required=True, help="Student network (registry name).")
 @click.option("--teacher", "teacher_ckpt", required=True, type=click.Path(path_type=Path),
               help="Teacher checkpoint (same classes, HU window and input size).")
-@click.option("--kd", default=",".join(KD_TERMS), show_default=True,
-              help="Distillation terms, comma-separated: pmd (prediction maps), imd (importance maps), rad (region affinity).")
+@click.option("--kd", default=",".join(PAPER_KD), show_default=True,
+              help="Distillation terms, comma-separated: pmd (prediction maps), imd (importance maps), rad (region "
+                   "affinity), pl (the segmentation loss against the teacher's labels).")
 @click.option("--kd-levels", default=",".join(FEATURE_LEVELS), show_default=True,
               help="Feature levels IMD and RAD match (summed over levels).")
 @click.option("--alpha", type=float, default=0.1, show_default=True, help="Weight of PMD.")
 @click.option("--beta1", type=float, default=0.9, show_default=True, help="Weight of IMD.")
 @click.option("--beta2", type=float, default=0.9, show_default=True, help="Weight of RAD.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="PMD softmax temperature.")
+@click.option("--pl-weight", type=float, default=1.0, show_default=True, help="Weight of pl.")
 @click.option("--pmd-balance", type=click.Choice(PMD_BALANCES), default="pixels", show_default=True,
               help="pixels: PMD is the mean over all pixels (the paper); classes: the mean within each class the "
                    "teacher predicts, then over classes, so that small lesions weigh as much as background.")
@@ -114,12 +116,12 @@ def student(arch, labelled_cases, **opts):
               help="Store the teacher's outputs for this run's batches here, and read them back in later runs with "
                    "the same teacher, data, seed and batch plan (any student, KD terms or weights): a distillation "
                    "step then costs about what a plain student step costs.")
-def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, pmd_balance, unlabelled,
+def distill(arch, teacher_ckpt, kd, kd_levels, alpha, beta1, beta2, temperature, pl_weight, pmd_balance, unlabelled,
             unlabelled_batch, no_augment_unlabelled, kd_on, labelled_cases, teacher_cache, **opts):
     """Train a student with region-aware distillation from a frozen teacher:
     L = L_seg + alpha*PMD + beta1*IMD + beta2*RAD."""
     _run("distill", arch, opts, teacher=str(teacher_ckpt), kd=kd, kd_levels=kd_levels, alpha=alpha, beta1=beta1,
-         beta2=beta2, temperature=temperature, pmd_balance=pmd_balance,
+         beta2=beta2, temperature=temperature, pl_weight=pl_weight, pmd_balance=pmd_balance,
          unlabelled=str(unlabelled) if unlabelled else None, unlabelled_batch=unlabelled_batch,
          augment_unlabelled=not no_augment_unlabelled, kd_on=kd_on, labelled_cases=labelled_cases,
          teacher_cache=str(teacher_cache) if teacher_cache else None)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from regionkd.sdk.errors import InputError
 
-KD_TERMS = ("pmd", "imd", "rad")
+KD_TERMS = ("pmd", "imd", "rad", "pl")
+PAPER_KD = ("pmd", "imd", "rad")   # the paper's terms, the default of --kd
 PMD_BALANCES = ("pixels", "classes")
 KD_ON = ("all", "unlabelled")
 FEATURE_LEVELS = ("low", "high")
@@ -36,7 +37,7 @@ PRESET_MODE_OVERRIDES: dict[tuple[str, str], dict] = {
 # options whose change would make a resumed run a different run
 RESUME_IDENTITY = ("mode", "arch", "input_size", "batch_size", "lr", "seed", "kd", "kd_levels", "alpha",
                    "beta1", "beta2", "temperature", "epochs", "max_steps", "samples_per_epoch", "lesion_fraction",
-                   "val_fraction", "split_seed", "teacher", "pmd_balance", "unlabelled", "unlabelled_batch",
+                   "val_fraction", "split_seed", "teacher", "pmd_balance", "pl_weight", "unlabelled", "unlabelled_batch",
                    "augment_unlabelled", "labelled_cases", "augment", "kd_on")
 
 
@@ -47,12 +48,13 @@ class TrainConfig:
     data: str
     out: str
     teacher: str | None = None     # teacher checkpoint (distill only)
-    kd: tuple = KD_TERMS
+    kd: tuple = PAPER_KD
     kd_levels: tuple = FEATURE_LEVELS
     alpha: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.9
     temperature: float = 4.0
+    pl_weight: float = 1.0         # weight of "pl": the segmentation loss against the teacher's labels (argmax)
     pmd_balance: str = "pixels"    # "pixels": PMD is the mean over all pixels (the paper); "classes": per class
     teacher_cache: str | None = None  # directory of the teacher cache (distill only), shared between runs
     unlabelled: str | None = None  # folder of CT images without labels: distillation terms only (distill only)

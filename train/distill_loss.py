@@ -1,5 +1,5 @@
-"""The training objective  L = L_seg + alpha*PMD + beta1*sum_levels IMD + beta2*sum_levels RAD,
-and the teacher's side of it.
+"""The training objective  L = L_seg + alpha*PMD + beta1*sum_levels IMD + beta2*sum_levels RAD
+(+ pl_weight*PL, the segmentation loss against the teacher's labels), and the teacher's side of it.
 
 The teacher's side of every term is computed once per batch into `TeacherTargets`: its logits,
 its importance map per feature level, and its region affinities per level. That is all the
@@ -25,7 +25,7 @@ from . import losses as L
 from .config import FEATURE_LEVELS, TrainConfig
 from .sampling import IGNORE_LABEL
 
-LOSS_KEYS = ("seg", "pmd", "imd", "rad", "total")
+LOSS_KEYS = ("seg", "pmd", "imd", "rad", "pl", "total")
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DistillLoss:
         cfg = self.cfg
         labelled = labels[:, 0, 0] != IGNORE_LABEL
         seg = L.segmentation_loss(s_logits[labelled].float(), labels[labelled]) if bool(labelled.any()) else None
-        terms = {"seg": seg, "pmd": None, "imd": None, "rad": None}
+        terms = {"seg": seg, "pmd": None, "imd": None, "rad": None, "pl": None}
         total = seg if seg is not None else s_logits.sum() * 0.0
         if self.kd:
             if kd_rows is not None:
@@ -106,6 +106,9 @@ class DistillLoss:
                 terms["rad"] = sum(L.rad_loss_to_affinity(s_feats[lv].float(), regions, *teacher.rad[lv])
                                    for lv in cfg.kd_levels)
                 total = total + cfg.beta2 * terms["rad"]
+            if "pl" in self.kd:
+                terms["pl"] = L.pseudo_label_loss(s_logits.float(), teacher.logits)
+                total = total + getattr(cfg, "pl_weight", 1.0) * terms["pl"]
         terms["total"] = total
         return terms
 

@@ -101,6 +101,13 @@ def rad_loss_to_affinity(student_feat: torch.Tensor, target_onehot: torch.Tensor
     return torch.where(pairs, sq, torch.zeros_like(sq)).sum() / count.clamp_min(1)
 
 
+def pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The segmentation loss (focal + soft Dice) of the student against the teacher's own labels
+    (its argmax): hard-label distillation, as self-training uses on unlabelled images. Unlike
+    PMD's mean over pixels, the Dice part weighs a small lesion class like a large one."""
+    return segmentation_loss(student_logits, teacher_logits.detach().argmax(1))
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Multi-class focal loss -(1 - p_y)^gamma log p_y, mean over pixels and batch."""
     log_p = F.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
