@@ -165,15 +165,19 @@ PRESETS = {
                   input_size=96, batch_size=8, samples_per_epoch=400, student_steps=1000, teacher_steps=1500,
                   min_lesion_mm=20.0, lesion_contrast=2.0,
                   # in the order the runs are made: every arm with seed 0 first (a paired comparison on 100 test
-                  # cases resolves about 0.02 with one seed a side), then more seeds where it matters
+                  # cases resolves about 0.02 with one seed a side), more seeds where an arm gained
                   plan=_plan((("mobilenetv2",), ("alone",), S3),
                              (("mobilenetv2",), ("ul-all", "alone-L3", "ul-L3", "paper", "pmd-classes",
                                                  "ul-all-classes"), (0,)),
-                             (("mobilenetv2-s2",), ("alone", "ul-all"), (0,)),
-                             (("mobilenetv2",), ("pmd", "imd", "rad", "alone-L10", "ul-L10", "pmd-T1"), (0,)),
-                             (("enet",), ("alone", "ul-all"), (0,)),
-                             (("mobilenetv2",), ("ul-all", "alone-L3", "ul-L3", "paper", "pmd-classes",
-                                                 "ul-all-classes"), (1, 2)))),
+                             (("mobilenetv2-s2",), ("alone",), (0,)),
+                             (("mobilenetv2",), ("ul-all-classes",), (1,)),
+                             (("mobilenetv2-s2",), ("ul-all-classes",), (0,)),
+                             (("mobilenetv2",), ("ul-all-classes",), (2,)),
+                             (("enet",), ("alone", "ul-all-classes"), (0,)),
+                             (("mobilenetv2",), ("ul-L3-pl", "ul-all-pl", "pmd", "imd", "rad", "alone-L10", "ul-L10"),
+                              (0,)),
+                             (("mobilenetv2",), ("alone-L3", "ul-L3"), (1, 2)),
+                             (("mobilenetv2",), ("ul-all", "paper"), (1, 2)))),
     # the paper's sizes (384x384 slices, batch 16), for a GPU
     "paper": Preset(tasks=("liver", "kidney"), cases=60, test_cases=100, unlabelled_cases=200, shape=(512, 512, 64),
                     input_size=384, batch_size=16, samples_per_epoch=1600, student_steps=3000, teacher_steps=6000,
@@ -240,14 +244,17 @@ class Runner:
                            val_max_slices=None, val_fraction=p.val_fraction, seed=seed, device=self.device,
                            resume=True, cache_dir=str(self.cache), quiet=not self.verbose, log_every=10, **extra)
 
-    def _train(self, cfg) -> None:
+    @staticmethod
+    def finished(ckpt: Path) -> bool:
         from regionkd.train.checkpoint import load_checkpoint
+
+        return ckpt.is_file() and bool(load_checkpoint(ckpt).get("train_state", {}).get("finished"))
+
+    def _train(self, cfg) -> None:
         from regionkd.train.trainer import train
 
-        out = Path(cfg.out)
-        if out.is_file() and load_checkpoint(out).get("train_state", {}).get("finished"):
-            return
-        train(cfg)
+        if not self.finished(Path(cfg.out)):
+            train(cfg)
 
     def teacher(self) -> Path:
         ckpt = self.dir / f"teacher-{self.p.teacher}.pt"
@@ -521,6 +528,8 @@ def _narrow(preset: Preset, tasks, students, arms, seeds) -> Preset:
 @click.option("--seeds", help="Comma-separated seeds instead of the plan's.")
 @click.option("--train-only", is_flag=True, help="Train and score the runs, write no results files "
                                                   "(for several processes sharing the plan; a last call collects).")
+@click.option("--report-only", is_flag=True, help="Train nothing: score and report the runs finished on disk, "
+                                                    "and list the plan's runs not made yet.")
 @click.option("--device", default=None, help="auto, cpu, cuda (default: cuda for the paper preset, else cpu).")
 @click.option("--work", type=click.Path(path_type=Path), help="Data, checkpoints, logs, teacher cache "
               "(default: work/benchmarks/kd_ablation-<preset>); reused on the next run.")
@@ -528,7 +537,7 @@ def _narrow(preset: Preset, tasks, students, arms, seeds) -> Preset:
               help="Where the JSON, Markdown and PNG go.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the trainer's own progress bars.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def main(preset, tasks, students, arms, seeds, train_only, device, work, results, verbose, quiet):
+def main(preset, tasks, students, arms, seeds, train_only, report_only, device, work, results, verbose, quiet):
     """Train the teacher and every (network, arm, seed) of the plan on phantoms, score them on the
     held-out test phantoms, and write benchmarks/results/kd_ablation-<preset>.{json,md,png}."""
     from tqdm import tqdm
@@ -544,25 +553,41 @@ def main(preset, tasks, students, arms, seeds, train_only, device, work, results
     command = C.command_line("benchmarks/kd_ablation.py", click.get_current_context())
     t0 = time.perf_counter()
     runs = list(dict.fromkeys((net, ARMS[arm], seed) for net, arm, seeds_ in p.plan for seed in seeds_))
-    rows = []
+    if train_only and report_only:
+        raise click.UsageError("--train-only and --report-only exclude each other")
+    rows, missing = [], []
     bar = tqdm(total=len(p.tasks) * (len(runs) + 2), desc=f"kd_ablation {preset}", unit="run", disable=quiet)
     for task in p.tasks:
         runner = Runner(p, task, work, device, verbose)
         bar.set_postfix_str(f"{task}: phantoms")
-        runner.prepare()
+        if not report_only:
+            runner.prepare()
         bar.update(1)
         bar.set_postfix_str(f"{task}: teacher {p.teacher}")
-        t_ckpt = runner.teacher()
+        t_ckpt = runner.dir / f"teacher-{p.teacher}.pt"
+        if not report_only:
+            runner.teacher()
+        if not runner.finished(t_ckpt):
+            missing.append(f"{task}: teacher {p.teacher}")
+            bar.update(len(runs) + 1)
+            continue
         rows.append(runner.row(t_ckpt, p.teacher, "teacher", None, 0))
         bar.update(1)
         for net, arm, seed in runs:
             bar.set_postfix_str(f"{task}: {net} {arm.name} seed {seed}")
-            ckpt = runner.student(net, arm, seed, t_ckpt)
-            rows.append(runner.row(ckpt, net, "student", arm, seed))
+            ckpt = runner.dir / f"{net}-{arm.name}-s{seed}.pt"
+            if not report_only:
+                runner.student(net, arm, seed, t_ckpt)
+            if runner.finished(ckpt):
+                rows.append(runner.row(ckpt, net, "student", arm, seed))
+            else:
+                missing.append(f"{task}: {net} {arm.name} seed {seed}")
             bar.update(1)
     bar.close()
     if train_only:
         return 0
+    if not rows:
+        raise click.ClickException(f"{work}: no finished run to report")
     an = analyse(rows)
     steps_per_epoch = max(1, p.samples_per_epoch // p.batch_size)
     extra_lines = [
@@ -575,6 +600,9 @@ def main(preset, tasks, students, arms, seeds, train_only, device, work, results
         f"steps ({steps_per_epoch} steps per epoch; validation Dice after every epoch). Training time summed over the "
         f"runs (from their logs): {sum(r.get('train_seconds') or 0 for r in rows) / 60:.1f} min; this invocation's "
         f"wall time {time.perf_counter() - t0:.0f} s (runs found on disk are read back, not repeated).", ""]
+    if missing:
+        extra_lines += [f"Not made yet ({len(missing)} runs of the plan; `--report-only` reported what was finished): "
+                        + "; ".join(missing) + ".", ""]
     md = markdown_report(f"Distillation ablation on phantoms ({preset})", an, command, machine, extra_lines)
     paths = C.write_results(f"kd_ablation-{preset}", rows, md, chart(an), results)
     if not quiet:

@@ -12,6 +12,10 @@ second flavour, so both come from the same calibration:
   bias DequantizeLinear onnxruntime writes by default (onnx/onnx-tensorrt#850).
 - "cpu": uint8 (asymmetric) activations with int8 weights: the combination onnxruntime's CPU
   kernels run fastest; symmetric int8 activations can be slower than fp32 there.
+In both, the layers that read the network input stay in float (`input_layers`): 8 bits over the
+HU window merge the intensity levels that separate a lesion from its organ. Measured on the
+demo's MobileNetV2 (20 liver phantoms): tumour Dice 0.408 in fp32, 0.228 with every layer in
+int8, 0.386 with the stem convolution in float (excluding the classifier too: 0.388).
 """
 from __future__ import annotations
 
@@ -111,6 +115,12 @@ def flavour_options(flavour: str) -> dict:
     raise PrecisionError(f"unknown INT8 flavour {flavour!r} (choose from {', '.join(INT8_FLAVOURS)})")
 
 
+def input_layers(proto) -> list[str]:
+    """Names of the nodes that read a graph input: they stay in float in the INT8 graphs."""
+    inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if inputs & set(n.input)]
+
+
 def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: np.ndarray | None = None):
     """Write the INT8 Q/DQ graph of `flavour`. The calibration ranges come from `calibration_cache`
     (a JSON file) when it exists, else from `images`, and are then saved there for the next flavour."""
@@ -131,7 +141,7 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
             # parse, and symbolic shape inference gives up on Resize-after-Concat graphs
             quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
             quantize_static(str(pre), str(tmp), reader, calibration_cache_path=calibration_cache,
-                            **flavour_options(flavour))
+                            nodes_to_exclude=input_layers(onnx.load(str(pre))), **flavour_options(flavour))
             proto = compact_graph(onnx.load(str(tmp)))
             onnx.checker.check_model(proto)
             if flavour == "tensorrt":

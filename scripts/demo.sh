@@ -6,10 +6,14 @@
 #   -> the same student distilled from the teacher on the unannotated scans -> Dice side by side
 #   -> export (fp32/fp16/int8 ONNX + TensorRT-RTX engines) -> segment a held-out phantom -> latency
 #   -> the held-out phantom as a DICOM CT series -> DICOM SEG, statistics JSON, preview against the ground truth
-# Sizes: 96x96 slices (the phantoms are made at 96x96, about 4 mm pixels), tumours of at least
-# 20 mm with the liver lesions' contrast doubled, as in the ablation's cpu preset. The teacher is
-# the small U-Net so that everything fits in about 10 minutes on 2 cores; two trainings run side
-# by side, one thread each (a second thread speeds a step up by less than 20% here).
+# Sizes: 96x96 slices (the phantoms are made at 96x96, about 4 mm pixels), the liver lesions'
+# contrast doubled as in the ablation's cpu preset, and tumours of at least 30 mm (the ablation:
+# 20 mm) so that models trained for a few minutes find them. The teacher is the small U-Net; the
+# teacher and the student alone train side by side, one thread each, while the core the student
+# leaves free writes the other phantoms. Measured: 9 min 40 s on 2 cores. Every training resumes
+# (--resume) when rerun. The distilled student is the setting that gained in the ablation
+# (benchmarks/README.md): class-balanced PMD (alpha 1, T 1) on the labelled and the unlabelled
+# slices of every step.
 set -euo pipefail
 OUT=${1:-work/demo}
 DATA=$OUT/data          # labelled phantoms, LiTS layout
@@ -18,45 +22,53 @@ TEST=$OUT/test          # held-out labelled phantoms: the Dice table and the exp
 HELD_OUT=$OUT/held-out  # one full-size case stored slice-axis-first like KiTS19, for the SDK
 STUDENT=${STUDENT:-mobilenetv2}
 TEACHER=${TEACHER:-unet-small}
-TEACHER_STEPS=${TEACHER_STEPS:-600}
-STUDENT_STEPS=${STUDENT_STEPS:-800}
-COMMON=(--preset demo --cache-dir "$OUT/cache" --quiet)
-PHANTOMS=(--task liver --shape 96,96,32 --min-lesion-mm 20 --lesion-contrast 2 --quiet)
+TEACHER_STEPS=${TEACHER_STEPS:-400}
+STUDENT_STEPS=${STUDENT_STEPS:-400}
+COMMON=(--preset demo --cache-dir "$OUT/cache" --resume --quiet)
+LESION_MM=${LESION_MM:-30}
+PHANTOMS=(--task liver --shape 96,96,32 --min-lesion-mm "$LESION_MM" --lesion-contrast 2 --quiet)
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { printf '\n=== %s (%ds)\n' "$*" $(( $(date +%s) - start )); }
 made() { [ -f "$1/.done" ]; }
 finish() { touch "$1/.done"; }
 
-step "1/8 phantoms: 30 labelled, 60 unlabelled (images only), 12 test cases, 1 full-size held-out case"
-made "$DATA" || { rm -rf "$DATA"; regionkd-train phantoms "$DATA" --layout lits --cases 30 --seed 0 "${PHANTOMS[@]}"; finish "$DATA"; }
-made "$UNLAB" || { rm -rf "$UNLAB"; regionkd-train phantoms "$UNLAB" --images-only --cases 60 --seed 1 "${PHANTOMS[@]}"; finish "$UNLAB"; }
-made "$TEST" || { rm -rf "$TEST"; regionkd-train phantoms "$TEST" --layout lits --cases 12 --seed 2 "${PHANTOMS[@]}"; finish "$TEST"; }
-made "$HELD_OUT" || {
-  rm -rf "$HELD_OUT"
-  regionkd-train phantoms "$HELD_OUT" --task liver --layout kits19 --cases 1 --seed 999 --shape 512,512,100 \
-    --min-lesion-mm 20 --lesion-contrast 2 --quiet
-  finish "$HELD_OUT"
+evaluate() {  # evaluate MODEL THREADS: Dice of $OUT/MODEL.pt on the test phantoms
+  OMP_NUM_THREADS=$2 regionkd-train evaluate "$OUT/$1.pt" --data "$TEST" --cases all --json "$OUT/eval-$1.json" \
+    --quiet > "$OUT/eval-$1.txt"
+}
+more_phantoms() {  # the unlabelled scans, the test phantoms and the full-size held-out case
+  made "$UNLAB" || { rm -rf "$UNLAB"; regionkd-train phantoms "$UNLAB" --images-only --cases 60 --seed 1 "${PHANTOMS[@]}"; finish "$UNLAB"; }
+  made "$TEST" || { rm -rf "$TEST"; regionkd-train phantoms "$TEST" --layout lits --cases 20 --seed 2 "${PHANTOMS[@]}"; finish "$TEST"; }
+  made "$HELD_OUT" || {
+    rm -rf "$HELD_OUT"
+    regionkd-train phantoms "$HELD_OUT" --task liver --layout kits19 --cases 1 --seed 999 --shape 512,512,100 \
+      --min-lesion-mm "$LESION_MM" --lesion-contrast 2 --quiet
+    finish "$HELD_OUT"
+  }
 }
 
-step "2/8 teacher ($TEACHER, $TEACHER_STEPS steps) and, beside it, the student alone ($STUDENT, $STUDENT_STEPS steps)"
+step "1/8 phantoms: 30 labelled cases"
+made "$DATA" || { rm -rf "$DATA"; regionkd-train phantoms "$DATA" --layout lits --cases 30 --seed 0 "${PHANTOMS[@]}"; finish "$DATA"; }
+
+step "2/8 teacher ($TEACHER, $TEACHER_STEPS steps) and, beside it, the student alone ($STUDENT, $STUDENT_STEPS steps), then 60 unlabelled scans (images only), 20 test phantoms, one 512x512x100 case"
 OMP_NUM_THREADS=1 regionkd-train teacher --data "$DATA" --arch "$TEACHER" --out "$OUT/teacher.pt" \
   --max-steps "$TEACHER_STEPS" "${COMMON[@]}" &
 teacher_pid=$!
 OMP_NUM_THREADS=1 regionkd-train student --data "$DATA" --arch "$STUDENT" --out "$OUT/student.pt" \
   --max-steps "$STUDENT_STEPS" "${COMMON[@]}"
+more_phantoms      # on the core the student alone leaves free while the teacher trains
+evaluate student 1
 wait $teacher_pid
 
-step "3/8 distilled student ($STUDENT): PMD (alpha 1, T 1) from the teacher on the unlabelled scans"
+step "3/8 distilled student ($STUDENT): class-balanced PMD (alpha 1, T 1) from the teacher, labelled + unlabelled scans"
 OMP_NUM_THREADS=2 regionkd-train distill --data "$DATA" --teacher "$OUT/teacher.pt" --arch "$STUDENT" \
-  --unlabelled "$UNLAB" --kd pmd --alpha 1 --temperature 1 --kd-on unlabelled --teacher-cache "$OUT/teacher-cache" \
+  --unlabelled "$UNLAB" --kd pmd --alpha 1 --temperature 1 --pmd-balance classes \
   --out "$OUT/distilled.pt" --max-steps "$STUDENT_STEPS" "${COMMON[@]}"
 
-step "4/8 Dice on the $(ls "$TEST"/volume-*.nii | wc -l) held-out test phantoms"
-for m in teacher student distilled; do
-  OMP_NUM_THREADS=2 regionkd-train evaluate "$OUT/$m.pt" --data "$TEST" --cases all --json "$OUT/eval-$m.json" \
-    --quiet > "$OUT/eval-$m.txt"
-done
+step "4/8 Dice on the $(ls "$TEST"/volume-*.nii | wc -l) test phantoms"
+evaluate teacher 2
+evaluate distilled 2
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -74,8 +86,9 @@ print(f"distilled - alone, tumour Dice: {d:+.3f} (one seed, {len(rows['student']
 PY
 
 step "5/8 export the distilled student"
+# the Dice gate at 0.03: on 20 small test phantoms the int8 graphs lose about 0.02 tumour Dice
 OMP_NUM_THREADS=2 regionkd-export "$OUT/distilled.pt" --out "$OUT/liver.bundle" --precision fp32,fp16,int8 \
-  --calib "$DATA" --val "$TEST" --engine auto --overwrite
+  --calib "$DATA" --val "$TEST" --engine auto --max-dice-drop 0.03 --overwrite
 
 step "6/8 segment a held-out phantom (512x512x100) with the bundle"
 HELD_IMG=$(ls "$HELD_OUT"/case_*/imaging.nii.gz | head -n 1)

@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _common as C  # noqa: E402
 import deploy  # noqa: E402
+import distill_step_cost  # noqa: E402
 import kd_ablation  # noqa: E402
 
 from regionkd.sdk.timing import STAGES  # noqa: E402
@@ -199,8 +200,8 @@ def test_kd_ablation_narrowing_and_unknown_arms(ablation, tmp_path):
     from regionkd.sdk.errors import InputError
 
     work, _ = ablation
-    p = kd_ablation._narrow(kd_ablation.PRESETS["cpu"], "kidney", "enet", "alone,ul-all", "4,5")
-    assert p.tasks == ("kidney",) and p.plan == (("enet", "alone", (4, 5)), ("enet", "ul-all", (4, 5)))
+    p = kd_ablation._narrow(kd_ablation.PRESETS["cpu"], "kidney", "enet", "alone,ul-all-classes", "4,5")
+    assert p.tasks == ("kidney",) and p.plan == (("enet", "alone", (4, 5)), ("enet", "ul-all-classes", (4, 5)))
     with pytest.raises(InputError, match="unknown"):
         kd_ablation._narrow(kd_ablation.PRESETS["cpu"], None, None, "bogus", None)
     out = tmp_path / "r"
@@ -208,6 +209,19 @@ def test_kd_ablation_narrowing_and_unknown_arms(ablation, tmp_path):
                                   "--results", out, "--quiet"]) == 0
     rows = json.loads((out / "kd_ablation-smoke.json").read_text())
     assert [(r["arm"], r["seed"]) for r in rows] == [("teacher", 0), ("alone", 0)]
+
+
+def test_kd_ablation_report_only_trains_nothing_and_names_what_is_missing(ablation, tmp_path):
+    work, _ = ablation
+    ckpts = {p: p.stat().st_mtime_ns for p in (work / "liver").glob("*.pt")}
+    out = tmp_path / "r"
+    assert run(kd_ablation.main, ["--preset", "smoke", "--arms", "alone", "--seeds", "0,5", "--report-only",
+                                  "--work", work, "--results", out, "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "liver").glob("*.pt")} == ckpts   # nothing trained
+    rows = json.loads((out / "kd_ablation-smoke.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in rows] == [("teacher", 0), ("alone", 0)]
+    assert "Not made yet (1 runs of the plan" in (out / "kd_ablation-smoke.md").read_text()
+    assert "liver: tinynet alone seed 5" in (out / "kd_ablation-smoke.md").read_text()
 
 
 def test_paper_preset_without_gpu_says_so_and_skips(tmp_path, capsys):
@@ -281,7 +295,8 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
 def test_scripts_have_help():
     from click.testing import CliRunner
 
-    for command, word in ((kd_ablation.main, "--arms"), (deploy.main, "--bundle")):
+    for command, word in ((kd_ablation.main, "--arms"), (deploy.main, "--bundle"),
+                          (distill_step_cost.main, "--arms")):
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0 and word in result.output and "--quiet" in result.output
 

@@ -22,7 +22,7 @@ from regionkd.export import ct_slices  # noqa: E402
 from regionkd.export.onnx_export import (ExportError, export_onnx, onnx_parity, ort_session,  # noqa: E402
                                          run_onnx)
 from regionkd.export.precision import (PrecisionError, calibration_reader, check_dice_drop,  # noqa: E402
-                                       compact_graph, convert_fp16, qdq_summary, quantize_int8,
+                                       compact_graph, convert_fp16, input_layers, qdq_summary, quantize_int8,
                                        tensorrt_qdq_problems)
 from regionkd.export.validation import DiceAccumulator  # noqa: E402
 
@@ -138,11 +138,13 @@ def test_int8_tensorrt_flavour_is_symmetric_int8_with_float_biases(tiny, int8):
     assert "INT32" not in s["dequantized_initializer_types"]  # no int32 bias DequantizeLinear (onnx-tensorrt#850)
     assert s["bias_types"] == ["FLOAT"]
     assert tensorrt_qdq_problems(proto) == []
-    # every Conv weight is dequantized per output channel from int8
+    # every Conv weight but the input layer's (float, see input_layers) is dequantized per output channel from int8
     producers = {o: n for n in proto.graph.node for o in n.output}
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert len(convs) == 4
     for conv in convs:
+        if "image" in conv.input:
+            continue
         dq = producers[conv.input[1]]
         assert dq.op_type == "DequantizeLinear"
         w, scale = _init(proto, dq.input[0]), _init(proto, dq.input[1])
@@ -181,18 +183,38 @@ def test_int8_cpu_flavour_has_uint8_activations_and_is_refused_for_tensorrt(int8
     assert any("int32 bias" in p for p in tensorrt_qdq_problems(proto))
 
 
+def _first_quantize_scale(proto) -> float:
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    return float(numpy_helper.to_array(_init(proto, q.input[1])))
+
+
 def test_both_int8_flavours_come_from_one_calibration(int8):
-    ranges = json.loads(int8.cache.read_text())
-    assert "image" in json.dumps(ranges)  # ranges of the graph input were recorded
-    # symmetric flavour: scale of the input = max|range| / 127, from the same cached range
-    trt_scale = numpy_helper.to_array(_init(int8.trt, next(n.input[1] for n in int8.trt.graph.node
-                                                            if n.op_type == "QuantizeLinear" and n.input[0] == "image")))
-    cpu_scale = numpy_helper.to_array(_init(int8.cpu, next(n.input[1] for n in int8.cpu.graph.node
-                                                            if n.op_type == "QuantizeLinear" and n.input[0] == "image")))
-    images = phantom_slices()  # the calibration slices of the `tiny` fixture
-    lo, hi = min(float(images.min()), 0.0), max(float(images.max()), 0.0)  # ranges always include 0
-    assert trt_scale == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=0.02)
-    assert cpu_scale == pytest.approx((hi - lo) / 255, rel=0.02)
+    """The cached range of the first quantized tensor gives the symmetric scale max|range| / 127
+    of the TensorRT flavour and the asymmetric (hi - lo) / 255 of the CPU flavour."""
+    ranges = json.loads(int8.cache.read_text())["data"]
+    trt_scale, cpu_scale = _first_quantize_scale(int8.trt), _first_quantize_scale(int8.cpu)
+    matches = []
+    for r in ranges.values():
+        lo, hi = min(r["lowest"]["data"][0], 0.0), max(r["highest"]["data"][0], 0.0)  # ranges always include 0
+        if lo == hi:
+            continue
+        if (trt_scale == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=0.02)
+                and cpu_scale == pytest.approx((hi - lo) / 255, rel=0.02)):
+            matches.append(r)
+    assert matches, (trt_scale, cpu_scale)
+
+
+def test_int8_layers_reading_the_input_stay_float(tiny, int8):
+    """8 bits over the HU window would merge lesion and organ intensities: the layers that read
+    the network input run in float, everything after them in int8."""
+    fp32 = onnx.load(str(tiny.fp32))
+    assert input_layers(fp32) == [n.name for n in fp32.graph.node if "image" in n.input]
+    for proto in (int8.trt, int8.cpu):
+        readers = [n for n in proto.graph.node if "image" in n.input]
+        assert readers and all(n.op_type not in ("QuantizeLinear", "DequantizeLinear") for n in readers)
+        floats = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT}
+        assert all(n.input[1] in floats for n in readers if n.op_type == "Conv")  # weights not dequantized int8
+        assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) > 0
 
 
 def test_int8_outputs_close_to_fp32(tiny, int8):
