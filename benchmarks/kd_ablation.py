@@ -174,7 +174,7 @@ PRESETS = {
                              (("mobilenetv2-s2",), ("ul-all-classes",), (0,)),
                              (("mobilenetv2",), ("ul-all-classes",), (2,)),
                              (("enet",), ("alone", "ul-all-classes"), (0,)),
-                             (("mobilenetv2",), ("ul-L3-pl", "ul-all-pl", "pmd", "imd", "rad", "alone-L10", "ul-L10"),
+                             (("mobilenetv2",), ("pmd", "imd", "rad", "ul-L3-pl", "ul-all-pl", "alone-L10", "ul-L10"),
                               (0,)),
                              (("mobilenetv2",), ("alone-L3", "ul-L3"), (1, 2)),
                              (("mobilenetv2",), ("ul-all", "paper"), (1, 2)))),

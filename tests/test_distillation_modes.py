@@ -59,7 +59,7 @@ def step_losses(out):
 
 def test_teacher_cache_gives_the_same_run_filled_or_read(teacher_ckpt, data, cache, tmp_path):
     tc = tmp_path / "tcache"
-    opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache, teacher_cache=str(tc))
+    opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache, teacher_cache=str(tc), kd="pmd,imd,rad")
     first = train(make_config("distill", "tinynet", data, tmp_path / "a.pt", **opts))
     second = train(make_config("distill", "tinynet", data, tmp_path / "b.pt", **opts))
     assert first["teacher_cache"]["items_filled"] > 0 and second["teacher_cache"]["items_filled"] == 0
@@ -81,7 +81,7 @@ def test_teacher_cache_gives_the_same_run_filled_or_read(teacher_ckpt, data, cac
 def test_teacher_cache_losses_match_the_live_teacher(teacher_ckpt, data, cache, tmp_path):
     """The cached run trains on float16-rounded teacher outputs: its loss terms at the first step
     (same student weights, same batch) differ from the live teacher's by far less than 0.1%."""
-    opts = dict(TINY, max_steps=1, teacher=str(teacher_ckpt), cache_dir=cache)
+    opts = dict(TINY, max_steps=1, teacher=str(teacher_ckpt), cache_dir=cache, kd="pmd,imd,rad")
     train(make_config("distill", "tinynet", data, tmp_path / "live.pt", **opts))
     train(make_config("distill", "tinynet", data, tmp_path / "cached.pt", teacher_cache=str(tmp_path / "tc"), **opts))
     live, cached = step_losses(tmp_path / "live.pt")[0], step_losses(tmp_path / "cached.pt")[0]
@@ -94,7 +94,7 @@ def test_an_unfinished_cache_chunk_is_never_read(teacher_ckpt, data, cache, tmp_
     """Chunks appear under their name only when complete: a temporary folder of an interrupted
     fill, or a chunk without its item list, is ignored and its items computed again."""
     tc = tmp_path / "tc"
-    opts = dict(TINY, teacher=str(teacher_ckpt), cache_dir=cache, teacher_cache=str(tc))
+    opts = dict(TINY, teacher=str(teacher_ckpt), cache_dir=cache, teacher_cache=str(tc), kd="pmd,imd,rad")
     first = train(make_config("distill", "tinynet", data, tmp_path / "a.pt", **opts))
     entry = next(p for p in tc.iterdir() if p.is_dir())
     chunk = next(entry.glob("chunk-*"))
@@ -167,7 +167,8 @@ def test_kd_on_unlabelled_slices_only(teacher_ckpt, data, unlabelled, cache, tmp
 
 
 def test_kd_rows_select_the_slices_the_terms_see():
-    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd", preset="demo")
+    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd", temperature=4.0,
+                      pmd_balance="pixels", preset="demo")
     torch.manual_seed(1)
     s_logits, labels = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3, 8, 8))
     feats = {"low": torch.randn(3, 4, 4, 4), "high": torch.randn(3, 4, 2, 2)}
@@ -193,11 +194,13 @@ def test_pseudo_label_term_is_the_segmentation_loss_against_the_teachers_argmax(
     expected = L.segmentation_loss(s_logits, t_logits.argmax(1))
     assert terms["pl"].item() == pytest.approx(expected.item())
     assert terms["total"].item() == pytest.approx(terms["seg"].item() + 0.5 * expected.item())
-    assert terms["pmd"] is None and make_config("distill", "x", "d", "o", teacher="t", preset="demo").kd == ("pmd", "imd", "rad")
+    default = make_config("distill", "x", "d", "o", teacher="t", preset="demo")
+    assert terms["pmd"] is None and (default.kd, default.alpha, default.temperature, default.pmd_balance) == (("pmd",), 1.0, 1.0, "classes")
 
 
 def test_seg_loss_uses_only_labelled_slices_and_kd_all():
-    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd,rad", preset="demo")
+    cfg = make_config("distill", "tinynet", "d", "o.pt", teacher="t.pt", kd="pmd,rad", temperature=4.0,
+                      pmd_balance="pixels", preset="demo")
     torch.manual_seed(0)
     s_logits = torch.randn(3, 3, 8, 8)
     feats = {"low": torch.randn(3, 4, 4, 4), "high": torch.randn(3, 4, 2, 2)}

@@ -56,7 +56,7 @@ def test_teacher_checkpoint(teacher_ckpt, data):
 def test_distill_logs_every_term_and_sums_them(teacher_ckpt, data, cache, tmp_path):
     out = tmp_path / "distilled.pt"
     summary = train(make_config("distill", "tinynet", data, out, teacher=str(teacher_ckpt), cache_dir=cache,
-                                alpha=0.1, beta1=0.9, beta2=0.9, **TINY))
+                                kd="pmd,imd,rad", alpha=0.1, beta1=0.9, beta2=0.3, **TINY))
     assert summary["steps"] == 3 and summary["epoch"] == 1
     log = read_log(out)
     steps = [r for r in log if r["event"] == "step"]
@@ -65,8 +65,10 @@ def test_distill_logs_every_term_and_sums_them(teacher_ckpt, data, cache, tmp_pa
         loss = r["loss"]
         assert all(isinstance(loss[k], float) for k in ("seg", "pmd", "imd", "rad", "total"))
         assert all(loss[k] >= 0 for k in ("seg", "pmd", "imd", "rad"))
+        # beta1 != beta2: a swap of the IMD and RAD weights shows (unless the two terms happen to be equal)
+        assert loss["imd"] != pytest.approx(loss["rad"], rel=0.05)
         assert loss["total"] == pytest.approx(loss["seg"] + 0.1 * loss["pmd"] + 0.9 * loss["imd"]
-                                              + 0.9 * loss["rad"], abs=1e-5)
+                                              + 0.3 * loss["rad"], abs=1e-5)
         assert r["lr"] > 0
     epochs = [r for r in log if r["event"] == "epoch"]
     assert len(epochs) == 1 and set(epochs[0]["val_dice"]) == {"liver", "tumour"}
@@ -74,7 +76,7 @@ def test_distill_logs_every_term_and_sums_them(teacher_ckpt, data, cache, tmp_pa
     assert ckpt["role"] == "student" and ckpt["arch"] == "tinynet"
     prov = ckpt["provenance"]
     assert prov["teacher"]["sha256"] == sha256_file(teacher_ckpt) and prov["teacher"]["arch"] == "raunet"
-    assert prov["kd"] == ["pmd", "imd", "rad"] and prov["alpha"] == 0.1
+    assert prov["kd"] == ["pmd", "imd", "rad"] and prov["alpha"] == 0.1 and (prov["beta1"], prov["beta2"]) == (0.9, 0.3)
 
 
 def test_kd_subset_leaves_other_terms_out(teacher_ckpt, data, cache, tmp_path):
@@ -83,7 +85,7 @@ def test_kd_subset_leaves_other_terms_out(teacher_ckpt, data, cache, tmp_path):
                       **{**TINY, "max_steps": 1}))
     loss = [r for r in read_log(out) if r["event"] == "step"][0]["loss"]
     assert loss["imd"] is None and loss["rad"] is None
-    assert loss["total"] == pytest.approx(loss["seg"] + 0.1 * loss["pmd"], abs=1e-5)
+    assert loss["total"] == pytest.approx(loss["seg"] + 1.0 * loss["pmd"], abs=1e-5)   # alpha: the default, 1
 
 
 def test_teacher_is_frozen_and_gets_no_gradient(teacher_ckpt, data):
@@ -114,7 +116,7 @@ def test_same_seed_same_run_other_seed_other_run(data, cache, tmp_path):
 
 
 def test_resume_mid_epoch_gives_the_same_weights(teacher_ckpt, data, cache, tmp_path):
-    opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache)   # 6 steps, 2 epochs
+    opts = dict(TINY, epochs=2, teacher=str(teacher_ckpt), cache_dir=cache, kd="pmd,imd,rad")   # 6 steps, 2 epochs
     whole = train(make_config("distill", "tinynet", data, tmp_path / "whole.pt", **opts))
     part = tmp_path / "part.pt"
     first = train(make_config("distill", "tinynet", data, part, pause_after=4, **opts))   # stops inside epoch 2
@@ -134,6 +136,10 @@ def test_resume_refuses_other_options(data, cache, tmp_path):
     train(make_config("student", "tinynet", data, out, cache_dir=cache, **{**TINY, "max_steps": 1}))
     with pytest.raises(CheckpointError, match="lr: 0.002 -> 0.01"):
         train(make_config("student", "tinynet", data, out, cache_dir=cache, resume=True, **{**TINY, "lr": 0.01}))
+    # distillation options mean nothing to a student run: another alpha or T resumes it
+    s = train(make_config("student", "tinynet", data, out, cache_dir=cache, resume=True,
+                          **{**TINY, "max_steps": 1, "alpha": 0.3, "temperature": 2.0}))
+    assert s["steps"] == 1
 
 
 def test_teacher_with_other_input_size_is_refused(teacher_ckpt, data, cache, tmp_path):

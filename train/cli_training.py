@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from .config import FEATURE_LEVELS, KD_ON, KD_TERMS, PAPER_KD, PMD_BALANCES, PRESETS
+from .config import KD_ON, PMD_BALANCES, PRESETS, TrainConfig
+
+
+def _default(name: str):
+    """The default of a TrainConfig field: the one table of training defaults."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                                  ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))
@@ -87,17 +92,18 @@ def student(arch, labelled_cases, **opts):
 @click.option("--arch", required=True, help="Student network (registry name).")
 @click.option("--teacher", "teacher_ckpt", required=True, type=click.Path(path_type=Path),
               help="Teacher checkpoint (same classes, HU window and input size).")
-@click.option("--kd", default=",".join(PAPER_KD), show_default=True,
+@click.option("--kd", default=",".join(_default("kd")), show_default=True,
               help="Distillation terms, comma-separated: pmd (prediction maps), imd (importance maps), rad (region "
                    "affinity), pl (the segmentation loss against the teacher's labels).")
-@click.option("--kd-levels", default=",".join(FEATURE_LEVELS), show_default=True,
+@click.option("--kd-levels", default=",".join(_default("kd_levels")), show_default=True,
               help="Feature levels IMD and RAD match (summed over levels).")
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Weight of PMD.")
-@click.option("--beta1", type=float, default=0.9, show_default=True, help="Weight of IMD.")
-@click.option("--beta2", type=float, default=0.9, show_default=True, help="Weight of RAD.")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="PMD softmax temperature.")
-@click.option("--pl-weight", type=float, default=1.0, show_default=True, help="Weight of pl.")
-@click.option("--pmd-balance", type=click.Choice(PMD_BALANCES), default="pixels", show_default=True,
+@click.option("--alpha", type=float, default=_default("alpha"), show_default=True, help="Weight of PMD.")
+@click.option("--beta1", type=float, default=_default("beta1"), show_default=True, help="Weight of IMD.")
+@click.option("--beta2", type=float, default=_default("beta2"), show_default=True, help="Weight of RAD.")
+@click.option("--temperature", type=float, default=_default("temperature"), show_default=True,
+              help="PMD softmax temperature.")
+@click.option("--pl-weight", type=float, default=_default("pl_weight"), show_default=True, help="Weight of pl.")
+@click.option("--pmd-balance", type=click.Choice(PMD_BALANCES), default=_default("pmd_balance"), show_default=True,
               help="pixels: PMD is the mean over all pixels (the paper); classes: the mean within each class the "
                    "teacher predicts, then over classes, so that small lesions weigh as much as background.")
 @click.option("--unlabelled", type=click.Path(file_okay=False, path_type=Path),
@@ -106,7 +112,7 @@ def student(arch, labelled_cases, **opts):
                    "(RAD takes its regions from the teacher's prediction there).")
 @click.option("--unlabelled-batch", type=click.IntRange(1), help="Unlabelled slices per step (default: --batch-size).")
 @click.option("--no-augment-unlabelled", is_flag=True, help="Feed the unlabelled slices without flips, rotations and jitter.")
-@click.option("--kd-on", type=click.Choice(KD_ON), default="all", show_default=True,
+@click.option("--kd-on", type=click.Choice(KD_ON), default=_default("kd_on"), show_default=True,
               help="Slices the distillation terms apply to: all of a step's, or only the unlabelled ones (the "
                    "labelled slices then learn from the ground truth alone, and the teacher never sees them).")
 @click.option("--labelled-cases", type=click.IntRange(1),

@@ -43,7 +43,7 @@ from regionkd.sdk.bundle import sha256_file
 from regionkd.sdk.errors import InputError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for, save_checkpoint
-from .config import RESUME_IDENTITY, TrainConfig
+from .config import DISTILL_ONLY, RESUME_IDENTITY, TrainConfig
 from .distill_loss import DistillLoss, reduce_terms, teacher_targets
 from .processes import Proc, derived_seed, resolve_device, rng_state, seed_everything, set_rng_state, setup_processes
 from .sampling import SeededItems, epoch_batches
@@ -277,7 +277,8 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     old = {k: ckpt.get("config", {}).get(k, defaults.get(k)) for k in RESUME_IDENTITY}
     new = cfg.to_flat_dict()
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_IDENTITY if old.get(k) != new.get(k)]
+    keys = [k for k in RESUME_IDENTITY if cfg.mode == "distill" or k not in DISTILL_ONLY]  # others mean nothing there
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     if diff:
         raise CheckpointError(f"--resume {path}: the checkpoint was written with other options ({'; '.join(diff)})")
     if "train_state" not in ckpt:
