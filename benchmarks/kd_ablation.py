@@ -173,10 +173,12 @@ PRESETS = {
                              (("mobilenetv2",), ("ul-all-classes",), (1,)),
                              (("mobilenetv2-s2",), ("ul-all-classes",), (0,)),
                              (("mobilenetv2",), ("ul-all-classes",), (2,)),
+                             (("mobilenetv2",), ("ul-L3-uonly",), (0,)),
+                             (("mobilenetv2",), ("alone-L3", "ul-L3"), (1,)),
                              (("enet",), ("alone", "ul-all-classes"), (0,)),
                              (("mobilenetv2",), ("pmd", "imd", "rad", "ul-L3-pl", "ul-all-pl", "alone-L10", "ul-L10"),
                               (0,)),
-                             (("mobilenetv2",), ("alone-L3", "ul-L3"), (1, 2)),
+                             (("mobilenetv2",), ("alone-L3", "ul-L3"), (2,)),
                              (("mobilenetv2",), ("ul-all", "paper"), (1, 2)))),
     # the paper's sizes (384x384 slices, batch 16), for a GPU
     "paper": Preset(tasks=("liver", "kidney"), cases=60, test_cases=100, unlabelled_cases=200, shape=(512, 512, 64),
@@ -372,6 +374,9 @@ def analyse(rows: list, lesion: str = "tumour") -> dict:
                 e["vs_alone"][c] = paired_difference(e["rows"], alone["rows"], c)
         if teacher and e["baseline"] is None:
             e["teacher_lead"] = {c: paired_difference([teacher], e["rows"], c) for c in e["dice"]}
+        # the stride line: a network carried on to stride 2 against its stride-4 self, same arm
+        stride4 = by_key.get((e["task"], e["arch"][:-3], e["arm"])) if e["arch"].endswith("-s2") else None
+        e["vs_stride4"] = {c: paired_difference(e["rows"], stride4["rows"], c) for c in e["dice"]} if stride4 else {}
     spread, dof = C.pooled_std([r["dice"].get(lesion) for r in e["rows"]] for e in stats)
     winners = [e for e in stats if (e["vs_baseline"].get(lesion) or {}).get("mean") is not None
                and e["vs_baseline"][lesion]["mean"] >= 0.02 and (e["vs_baseline"][lesion]["ci"][0] or -1) > 0]
@@ -422,6 +427,9 @@ def markdown_report(title: str, an: dict, command: str, machine: dict, extra_lin
             if e["vs_alone"].get(lesion):
                 lines.append(f"- {e['arch']} `{e['arm']}` − {e['arch']} `alone` (all labels): "
                              f"{lesion} {_diff(e['vs_alone'][lesion])}, {organ} {_diff(e['vs_alone'].get(organ))}")
+            if e.get("vs_stride4", {}).get(lesion):
+                lines.append(f"- {e['arch']} `{e['arm']}` − {e['arch'][:-3]} `{e['arm']}` (stride 2 against 4): "
+                             f"{lesion} {_diff(e['vs_stride4'][lesion])}, {organ} {_diff(e['vs_stride4'].get(organ))}")
         lines.append("")
     s = an["seed_spread"]
     lines += ["## Seed-to-seed spread", ""]
@@ -475,7 +483,7 @@ def chart(an: dict, lesion: str = "tumour"):
             if t and t["dice"].get(lesion) is not None:
                 ax.axvline(t["dice"][lesion], color="k", ls="--", label="teacher")
                 ax.legend(fontsize=7)
-            ax.set_title(f"{task}: test {lesion} Dice (bars: SD over seeds; blue: baselines)")
+            ax.set_title(f"{task}: test {lesion} Dice (blue: baselines; ± SD over seeds)", fontsize=9)
     return draw
 
 
