@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regionkd.sdk.atomic import atomic_path
+from regionkd.sdk.atomic import atomic_path, give_normal_permissions
 from regionkd.sdk.errors import RegionKDError, require
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
@@ -142,6 +142,8 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
             quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
             quantize_static(str(pre), str(tmp), reader, calibration_cache_path=calibration_cache,
                             nodes_to_exclude=input_layers(onnx.load(str(pre))), **flavour_options(flavour))
+            if calibration_cache.is_file():
+                give_normal_permissions(calibration_cache)   # the quantizer writes it through mkstemp (0600)
             proto = compact_graph(onnx.load(str(tmp)))
             onnx.checker.check_model(proto)
             if flavour == "tensorrt":

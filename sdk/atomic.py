@@ -61,6 +61,24 @@ def _make_parent(final: Path) -> None:
         raise _output_error(final, exc) from exc
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask only sets)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_permissions(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """chmod a file another library created (often through mkstemp, 0600) to `mode` minus the umask."""
+    os.chmod(path, mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None, mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary file path next to `final`; rename it to `final` when the block succeeds,

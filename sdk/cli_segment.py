@@ -113,7 +113,7 @@ def describe_failure(path: Path, exc: BaseException) -> str:
     if isinstance(exc, RegionKDError):
         return str(exc)
     if isinstance(exc, MemoryError):
-        return f"{path}: out of memory while segmenting it ({exc or 'MemoryError'}); try --max-voxels or a smaller volume"
+        return f"{path}: out of memory while segmenting it ({str(exc) or type(exc).__name__}); try --max-voxels or a smaller volume"
     if isinstance(exc, OSError):
         text = str(exc)
         return text if str(path) in text or (exc.filename and str(exc.filename) in text) else f"{path}: {text}"

@@ -1,8 +1,12 @@
 """What a NIfTI header declares, checked before the voxel data is read: no file can make the
 reader allocate more than its header declares, and no header can declare more than a limit.
 
-- `DEFAULT_MAX_VOXELS` (1024 x 1024 x 2048, 8.6 GB as float32) bounds the declared voxel count;
-  a header over it is refused before anything is allocated.
+- `DEFAULT_MAX_VOXELS` (512 x 512 x 2048 = 1024 x 1024 x 512, 2.1 GB as float32) bounds the
+  declared voxel count; a header over it is refused before anything is allocated. Segmenting
+  takes about 8 bytes per voxel at its peak (the image as float, the resized slices, the
+  labels), so the limit keeps a volume within about 4 GB; a larger scan needs --max-voxels.
+  (At 1024 x 1024 x 2048 a 3 MB gzip of zeros declaring 1024 x 1024 x 1536 was read whole, at
+  a 12.4 GB peak, before the plausibility check refused it.)
 - A .nii.gz is decompressed incrementally and never past the size its header declares (header
   + extensions + voxels): a gzip bomb behind a small header stops at the first byte too many.
 - The data must be exactly as long as declared: a shorter file is truncated, a longer one holds
@@ -19,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 
-DEFAULT_MAX_VOXELS = 1024 * 1024 * 2048
+DEFAULT_MAX_VOXELS = 512 * 512 * 2048
 MAX_EXTENSION_BYTES = 16 << 20          # header extensions (DICOM tags, JSON sidecars) are kB, not GB
 _CHUNK = 4 << 20
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -164,7 +165,7 @@ def test_a_header_claiming_huge_size_is_refused_and_the_folder_goes_on(tiny_bund
     code, _, err = run([tiny_bundle, folder, "-o", out, "--backend", "onnxruntime"], capsys)
     assert code == 1
     (line,) = [l for l in err.splitlines() if l.startswith("error:")]
-    assert "a_huge.nii.gz" in line and "more than the limit of 2,147,483,648" in line
+    assert "a_huge.nii.gz" in line and "more than the limit of 536,870,912" in line
     assert leftovers(out) == ["b_good.nii.gz"]
     assert "1 of 2 volumes segmented, 1 failed" in err and "Traceback" not in err
 
@@ -194,6 +195,13 @@ def test_any_exception_of_one_input_is_reported_and_the_run_goes_on(tiny_bundle,
                       f"error: {folder / 'b.nii.gz'}: unexpected KeyError: 'surprise'"]
     assert leftovers(tmp_path / "masks") == ["c.nii.gz"]
     assert "1 of 3 volumes segmented, 2 failed" in err      # printed even with --quiet, since some failed
+
+
+def test_an_out_of_memory_error_without_text_is_named():
+    from regionkd.sdk.cli_segment import describe_failure
+
+    assert describe_failure(Path("ct.nii.gz"), MemoryError()) == (
+        "ct.nii.gz: out of memory while segmenting it (MemoryError); try --max-voxels or a smaller volume")
 
 
 def test_a_write_that_fails_names_the_file_being_written(tiny_bundle, phantom_nifti, tmp_path):

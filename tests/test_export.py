@@ -188,6 +188,13 @@ def _first_quantize_scale(proto) -> float:
     return float(numpy_helper.to_array(_init(proto, q.input[1])))
 
 
+def test_the_calibration_cache_gets_normal_permissions(int8):
+    import os
+    from regionkd.sdk.atomic import current_umask
+
+    assert os.stat(int8.cache).st_mode & 0o777 == 0o666 & ~current_umask()   # not the quantizer's mkstemp 0600
+
+
 def test_both_int8_flavours_come_from_one_calibration(int8):
     """The cached range of the first quantized tensor gives the symmetric scale max|range| / 127
     of the TensorRT flavour and the asymmetric (hi - lo) / 255 of the CPU flavour."""

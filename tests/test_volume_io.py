@@ -172,7 +172,7 @@ def test_a_header_declaring_too_many_voxels_is_refused_before_reading(tmp_path, 
     p = _header_only(tmp_path / ("huge.nii.gz" if compress else "huge.nii"), (30000, 30000, 30000), compress=compress)
     err, peak = _peak_bytes(lambda: read_nifti(p))
     assert err is not None and "huge.nii" in str(err)
-    assert "27,000,000,000,000 voxels, more than the limit of 2,147,483,648" in str(err)
+    assert "27,000,000,000,000 voxels, more than the limit of 536,870,912" in str(err)
     assert peak < 5e6
 
 
@@ -183,12 +183,22 @@ def test_the_voxel_limit_is_configurable(tmp_path):
     assert read_nifti(p, max_voxels=512).shape == (8, 8, 8)
 
 
-def test_a_tiny_gzip_claiming_a_gigavoxel_is_refused_without_allocating_it(tmp_path):
-    p = _header_only(tmp_path / "claims.nii.gz", (1024, 1024, 1024))
+def test_a_tiny_gzip_claiming_a_quarter_gigavoxel_is_refused_without_allocating_it(tmp_path):
+    p = _header_only(tmp_path / "claims.nii.gz", (1024, 1024, 256))
     assert p.stat().st_size < 120
     err, peak = _peak_bytes(lambda: read_nifti(p))
     assert err is not None and "claims.nii.gz: truncated or corrupt voxel data: 352 bytes decompressed, " \
-        "the header declares 2,147,484,000" in str(err)
+        "the header declares 536,871,264" in str(err)
+    assert peak < 5e6
+
+
+def test_the_default_limit_refuses_a_gigavoxel_header_before_inflating_anything(tmp_path):
+    """A 3 MB gzip of zeros declaring 1024 x 1024 x 1536 was once read whole (12.4 GB peak) before
+    the plausibility check refused it: the default limit (512 x 512 x 2048) now refuses its header."""
+    p = _header_only(tmp_path / "bomb.nii.gz", (1024, 1024, 1536))
+    err, peak = _peak_bytes(lambda: read_nifti(p))
+    assert err is not None and "bomb.nii.gz" in str(err)
+    assert "1,610,612,736 voxels, more than the limit of 536,870,912" in str(err)
     assert peak < 5e6
 
 
