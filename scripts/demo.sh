@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on the embedded default (CPU, onnxruntime), on synthetic phantoms,
-# in the setting where distillation measurably helps (benchmarks/README.md): a scanner vendor with
-# a strong model, a few dozen annotated scans and many unannotated ones.
+# in a scanner vendor's setting (benchmarks/README.md): a strong model, a few dozen annotated scans
+# and more unannotated ones.
 #   phantoms (labelled, unlabelled, test) -> teacher and, beside it, the student alone
 #   -> the same student distilled from the teacher on the unannotated scans -> Dice side by side
 #   -> export (fp32/fp16/int8 ONNX + TensorRT-RTX engines) -> segment a held-out phantom -> latency
@@ -11,7 +11,7 @@
 # 20 mm) so that models trained for a few minutes find them. The teacher is the small U-Net; the
 # teacher and the student alone train side by side, one thread each, while the core the student
 # leaves free writes the other phantoms. Measured: 9 min 40 s on 2 cores. Every training resumes
-# (--resume) when rerun. The distilled student is the setting that gained in the ablation
+# (--resume) when rerun. The distilled student uses distill's default, chosen from the ablation
 # (benchmarks/README.md): class-balanced PMD (alpha 1, T 1) on the labelled and the unlabelled
 # slices of every step.
 set -euo pipefail
