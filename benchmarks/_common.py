@@ -172,6 +172,15 @@ def write_results(stem: str, rows: list, markdown: str, chart: Callable | None =
     return paths
 
 
+def echo_results(markdown: str, paths: dict[str, Path], quiet: bool) -> None:
+    """Print a report and the files `write_results` wrote (nothing with --quiet)."""
+    if not quiet:
+        import click
+
+        click.echo(markdown)
+        click.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+
+
 def _json_default(obj):
     if isinstance(obj, (np.integer,)):
         return int(obj)

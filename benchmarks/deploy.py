@@ -425,9 +425,7 @@ def main(preset, teacher, student, bundle, volume, threads, repeat, work, result
                          by_student if len(by_student) > 1 else None)
     out_rows = rows + [{**sgemm, "machine": machine, "ratios": ratios, "ratios_by_student": by_student}]
     paths = C.write_results(f"deploy-{preset}", out_rows, md, chart(rows), results)
-    if not quiet:
-        click.echo(md)
-        click.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+    C.echo_results(md, paths, quiet)
     return 0
 
 

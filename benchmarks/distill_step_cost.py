@@ -29,16 +29,12 @@ import kd_ablation as K  # noqa: E402
 DEFAULT_ARMS = ("alone", "paper", "ul-all-classes")
 
 
-def step_times(log: Path, skip: int) -> list[float]:
-    """step_s of every logged step after the first `skip` steps (start-up and the first batches)."""
+def step_times_and_misses(log: Path, skip: int) -> tuple[list[float], int]:
+    """From a run's log: step_s of every step after the first `skip` (start-up and the first
+    batches), and the teacher outputs the run had to compute (cache misses)."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [r["step_s"] for r in rows if r.get("event") == "step" and r["step"] > skip]
-
-
-def cache_filled(log: Path) -> int:
-    """Teacher outputs the run had to compute (cache misses), from its log."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return sum(int(r.get("items_filled") or 0) for r in rows if r.get("event") == "teacher_cache")
+    times = [r["step_s"] for r in rows if r.get("event") == "step" and r["step"] > skip]
+    return times, sum(int(r.get("items_filled") or 0) for r in rows if r.get("event") == "teacher_cache")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,31 +58,29 @@ def main(task, arms, student, steps, rounds, work, results, quiet):
     unknown = [a for a in names if a not in K.ARMS]
     if unknown:
         raise InputError(f"--arms {', '.join(unknown)}: unknown; known: {', '.join(K.ARMS)}")
-    preset = K.PRESETS["cpu"]
-    runner = K.Runner(preset, task, Path(work or C.WORK_DIR / "kd_ablation-cpu"), "cpu", verbose=False)
-    teacher = runner.dir / f"teacher-{preset.teacher}.pt"
+    p = replace(K.PRESETS["cpu"], student_steps=steps)
+    runner = K.Runner(p, task, Path(work or C.WORK_DIR / "kd_ablation-cpu"), "cpu", verbose=False)
+    teacher = runner.teacher_ckpt()
     if not teacher.is_file() or not runner.teacher_cache.is_dir():
         raise InputError(f"{runner.dir}: no teacher or teacher cache; run benchmarks/kd_ablation.py --preset cpu "
                          f"--tasks {task} first")
     machine = C.machine_description(threads=K._torch_threads())
     times: dict[str, list[float]] = {a: [] for a in names}
     filled: dict[str, int] = {a: 0 for a in names}
-    p = replace(preset, student_steps=steps)
     with tempfile.TemporaryDirectory(prefix="regionkd-stepcost-") as tmp:
-        r = K.Runner(p, task, runner.dir.parent, "cpu", verbose=False)
         bar = tqdm(total=rounds * len(names), desc="step cost", unit="run", disable=quiet)
         for k in range(rounds):
             for a in names:
-                r.dir = Path(tmp) / f"{a}-{k}"
-                r.dir.mkdir()
-                r.data, r.unlabelled, r.cache = runner.data, runner.unlabelled, runner.cache
-                r.teacher_cache = runner.teacher_cache
-                ckpt = r.student(student, K.ARMS[a], 0, teacher)
-                log = ckpt.with_name(ckpt.stem + ".log.jsonl")
-                times[a] += step_times(log, skip=10)
-                filled[a] += cache_filled(log)
+                # the ablation's data, slice cache and teacher cache; checkpoints and logs in tmp
+                out = Path(tmp) / f"{a}-{k}"
+                out.mkdir()
+                ckpt = runner.student(student, K.ARMS[a], 0, teacher, out_dir=out)
+                t, misses = step_times_and_misses(ckpt.with_name(ckpt.stem + ".log.jsonl"), skip=10)
+                times[a] += t
+                filled[a] += misses
                 bar.update(1)
         bar.close()
+
     def slices(a):  # slices through the student per step
         return p.batch_size + ((p.unlabelled_batch or p.batch_size) if K.ARMS[a].unlabelled else 0)
 
@@ -109,10 +103,7 @@ def main(task, arms, student, steps, rounds, work, results, quiet):
                     "", f"{steps} steps per run, {rounds} turns per arm taking turns, median over steps after the "
                     f"tenth; the steps are the first of each arm's seed-0 run in the ablation, whose teacher "
                     f"outputs its cache holds (`teacher outputs computed`: cache misses).", "", table, ""])
-    paths = C.write_results("distill_step_cost", rows, md, None, results)
-    if not quiet:
-        click.echo(md)
-        click.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+    C.echo_results(md, C.write_results("distill_step_cost", rows, md, None, results), quiet)
     return 0
 
 

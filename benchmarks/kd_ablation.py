@@ -250,13 +250,20 @@ class Runner:
         if not self.finished(Path(cfg.out)):
             train(cfg)
 
+    def teacher_ckpt(self) -> Path:
+        return self.dir / f"teacher-{self.p.teacher}.pt"
+
+    def student_ckpt(self, arch: str, arm: Arm, seed: int, out_dir: Path | None = None) -> Path:
+        return (out_dir or self.dir) / f"{arch}-{arm.name}-s{seed}.pt"
+
     def teacher(self) -> Path:
-        ckpt = self.dir / f"teacher-{self.p.teacher}.pt"
+        ckpt = self.teacher_ckpt()
         self._train(self.config("teacher", self.p.teacher, ckpt, seed=0, steps=self.p.teacher_steps))
         return ckpt
 
-    def student(self, arch: str, arm: Arm, seed: int, teacher: Path) -> Path:
-        ckpt = self.dir / f"{arch}-{arm.name}-s{seed}.pt"
+    def student(self, arch: str, arm: Arm, seed: int, teacher: Path, out_dir: Path | None = None) -> Path:
+        """Train (or find finished) one run; `out_dir`: where its checkpoint and log go (default: the task's)."""
+        ckpt = self.student_ckpt(arch, arm, seed, out_dir)
         extra = {"labelled_cases": arm.labelled}
         if arm.kd == "none":
             cfg = self.config("student", arch, ckpt, seed, self.p.student_steps, **extra)
@@ -564,10 +571,9 @@ def main(preset, tasks, students, arms, seeds, train_only, report_only, device, 
             runner.prepare()
         bar.update(1)
         bar.set_postfix_str(f"{task}: teacher {p.teacher}")
-        t_ckpt = runner.dir / f"teacher-{p.teacher}.pt"
-        if not report_only:
-            runner.teacher()
-        if not runner.finished(t_ckpt):
+        # a run trained here is finished when train() returns; only --report-only has to look
+        t_ckpt = runner.teacher_ckpt() if report_only else runner.teacher()
+        if report_only and not runner.finished(t_ckpt):
             missing.append(f"{task}: teacher {p.teacher}")
             bar.update(len(runs) + 1)
             continue
@@ -575,10 +581,9 @@ def main(preset, tasks, students, arms, seeds, train_only, report_only, device, 
         bar.update(1)
         for net, arm, seed in runs:
             bar.set_postfix_str(f"{task}: {net} {arm.name} seed {seed}")
-            ckpt = runner.dir / f"{net}-{arm.name}-s{seed}.pt"
-            if not report_only:
-                runner.student(net, arm, seed, t_ckpt)
-            if runner.finished(ckpt):
+            ckpt = (runner.student_ckpt(net, arm, seed) if report_only
+                    else runner.student(net, arm, seed, t_ckpt))
+            if not report_only or runner.finished(ckpt):
                 rows.append(runner.row(ckpt, net, "student", arm, seed))
             else:
                 missing.append(f"{task}: {net} {arm.name} seed {seed}")
@@ -605,9 +610,7 @@ def main(preset, tasks, students, arms, seeds, train_only, report_only, device, 
                         + "; ".join(missing) + ".", ""]
     md = markdown_report(f"Distillation ablation on phantoms ({preset})", an, command, machine, extra_lines)
     paths = C.write_results(f"kd_ablation-{preset}", rows, md, chart(an), results)
-    if not quiet:
-        click.echo(md)
-        click.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+    C.echo_results(md, paths, quiet)
     return 0
 
 
