@@ -42,7 +42,8 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PAPER_WEIGHTS = {"alpha": 0.1, "beta1": 0.9, "beta2": 0.9, "temperature": 4.0}
+from regionkd.train.config import PAPER_KD  # noqa: E402  (light: no torch)
+
 LINES = ("paper", "unlabelled", "weighted", "stride")
 
 
@@ -54,11 +55,11 @@ class Arm:
     name: str
     line: str
     kd: str = "none"                  # "none" or terms joined by "+"
-    alpha: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.9
-    temperature: float = 4.0
-    pmd_balance: str = "pixels"
+    alpha: float = PAPER_KD["alpha"]  # weights and balance: the paper's unless an arm says otherwise
+    beta1: float = PAPER_KD["beta1"]
+    beta2: float = PAPER_KD["beta2"]
+    temperature: float = PAPER_KD["temperature"]
+    pmd_balance: str = PAPER_KD["pmd_balance"]
     labelled: int | None = None
     unlabelled: bool = False
     augment_unlabelled: bool = True

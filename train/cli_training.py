@@ -6,12 +6,9 @@ from pathlib import Path
 
 import click
 
-from .config import KD_ON, PMD_BALANCES, PRESETS, TrainConfig
+from .config import KD_ON, PMD_BALANCES, PRESETS, field_defaults
 
-
-def _default(name: str):
-    """The default of a TrainConfig field: the one table of training defaults."""
-    return TrainConfig.__dataclass_fields__[name].default
+_default = field_defaults().__getitem__   # click option defaults: the training defaults' one table
 
 PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                                  ("input_size", "batch_size", "epochs", "lr", "samples_per_epoch"))

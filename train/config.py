@@ -157,8 +157,14 @@ def make_config(mode: str, arch: str, data, out, preset: str = "paper", **option
             values[key] = tuple(t.strip() for t in values[key].split(",") if t.strip())
         elif key in values:
             values[key] = tuple(values[key])
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = set(field_defaults())
     unknown = sorted(set(values) - names)
     if unknown:
         raise TypeError(f"unknown training options {unknown}")
     return TrainConfig(mode=mode, arch=arch, data=str(data), out=str(out), preset=preset, **values).validate()
+
+
+def field_defaults() -> dict:
+    """Every TrainConfig option with its default (the one table of training defaults; options
+    without a default, such as `mode`, map to dataclasses.MISSING)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -43,7 +43,7 @@ from regionkd.sdk.bundle import sha256_file
 from regionkd.sdk.errors import InputError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for, save_checkpoint
-from .config import DISTILL_ONLY, RESUME_IDENTITY, TrainConfig
+from .config import DISTILL_ONLY, RESUME_IDENTITY, TrainConfig, field_defaults
 from .distill_loss import DistillLoss, reduce_terms, teacher_targets
 from .processes import Proc, derived_seed, resolve_device, rng_state, seed_everything, set_rng_state, setup_processes
 from .sampling import SeededItems, epoch_batches
@@ -271,10 +271,8 @@ class TeacherSide:
 # ----------------------------------------------------------------------------- the run
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    import dataclasses
-
     # an option the checkpoint does not record is one added since: it ran with that option's default
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = field_defaults()
     old = {k: ckpt.get("config", {}).get(k, defaults.get(k)) for k in RESUME_IDENTITY}
     new = cfg.to_flat_dict()
     keys = [k for k in RESUME_IDENTITY if cfg.mode == "distill" or k not in DISTILL_ONLY]  # others mean nothing there
