@@ -430,6 +430,6 @@ def main(preset, teacher, student, bundle, volume, threads, repeat, work, result
 
 
 if __name__ == "__main__":
-    from regionkd.sdk.cli_common import run_cli
+    from regionkd.sdk.console import run_cli
 
     run_cli(main)

@@ -108,6 +108,6 @@ def main(task, arms, student, steps, rounds, work, results, quiet):
 
 
 if __name__ == "__main__":
-    from regionkd.sdk.cli_common import run_cli
+    from regionkd.sdk.console import run_cli
 
     run_cli(main)

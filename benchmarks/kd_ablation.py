@@ -621,6 +621,6 @@ def _torch_threads():
 
 
 if __name__ == "__main__":
-    from regionkd.sdk.cli_common import run_cli
+    from regionkd.sdk.console import run_cli
 
     run_cli(main)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from regionkd.sdk.cli_common import run_cli, version_option
+from regionkd.sdk.console import run_cli, version_option
 
 from .pipeline import (ENGINE_MODES, ExportOptions, check_options, default_precisions, export_bundle,
                        parse_precisions, planned_steps)

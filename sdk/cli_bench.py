@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 from .atomic import atomic_write_text
-from .cli_common import run_cli, version_option
+from .console import run_cli, version_option
 from .errors import InputError, MissingDependencyError, RegionKDError, require
 from .timing import STAGES
 

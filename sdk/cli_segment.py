@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .atomic import is_temp_name, remove_stale_temps
-from .cli_common import run_cli, version_option
+from .console import run_cli, version_option
 from .outputs import OUTPUT_TYPES, SEG_SUFFIX
 from .errors import InputError, RegionKDError
 from .mask_io import NIFTI_SUFFIXES

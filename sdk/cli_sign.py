@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import run_cli, version_option
+from .console import run_cli, version_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -171,7 +171,7 @@ def test_presets():
 
 
 def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
-    from regionkd.sdk.cli_common import run_cli
+    from regionkd.sdk.console import run_cli
     from regionkd.train.cli_training import teacher
 
     out = tmp_path / "cli.pt"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from regionkd.sdk.cli_common import run_cli, version_option
+from regionkd.sdk.console import run_cli, version_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

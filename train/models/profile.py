@@ -69,6 +69,6 @@ def _command():
 models_command = _command()
 
 if __name__ == "__main__":
-    from regionkd.sdk.cli_common import run_cli
+    from regionkd.sdk.console import run_cli
 
     run_cli(models_command)
