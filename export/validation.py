@@ -12,34 +12,9 @@ import numpy as np
 
 from regionkd.sdk.preprocess import logits_to_labels, preprocess_slices, volume_to_slices
 
+from regionkd.train.metrics import DiceAccumulator
+
 from .onnx_export import run_onnx
-
-
-class DiceAccumulator:
-    """Sums |pred ∩ gt| and |pred| + |gt| per class over many volumes."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = int(num_classes)
-        self.inter = np.zeros(num_classes, dtype=np.int64)
-        self.total = np.zeros(num_classes, dtype=np.int64)
-
-    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        pred = np.asarray(pred).ravel()
-        gt = np.asarray(gt).ravel()
-        if pred.shape != gt.shape:
-            raise ValueError(f"prediction and label sizes differ: {pred.shape} vs {gt.shape}")
-        # pair counts via one bincount: index = gt * C + pred
-        pairs = np.bincount(gt.astype(np.int64) * self.num_classes + pred.astype(np.int64),
-                            minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
-        self.inter += np.diag(pairs)
-        self.total += pairs.sum(axis=0) + pairs.sum(axis=1)
-
-    def dice(self, class_names) -> dict:
-        """{class_name: Dice} for the foreground classes; None where the class is in neither."""
-        out = {}
-        for c in range(1, self.num_classes):
-            out[class_names[c]] = float(2.0 * self.inter[c] / self.total[c]) if self.total[c] else None
-        return out
 
 
 def evaluate_dice(sessions: dict, cases: Iterable, window, input_size, class_names,

@@ -24,7 +24,7 @@ from regionkd.export.onnx_export import (ExportError, export_onnx, onnx_parity, 
 from regionkd.export.precision import (PrecisionError, calibration_reader, check_dice_drop,  # noqa: E402
                                        compact_graph, convert_fp16, input_layers, qdq_summary, quantize_int8,
                                        tensorrt_qdq_problems)
-from regionkd.export.validation import DiceAccumulator  # noqa: E402
+from regionkd.train.metrics import DiceAccumulator  # noqa: E402
 
 SIZE = (32, 32)
 

@@ -30,6 +30,41 @@ from regionkd.sdk.errors import InputError
 METRIC_NAMES = ("dice", "voe", "rvd", "assd", "hd95")
 
 
+def dice_score(intersection, size_sum, empty=1.0):
+    """The one Dice of the project: 2|P ∩ R| / (|P| + |R|), and `empty` where both are empty
+    (1.0 for one case's "correctly nothing"; None for a pooled class that never occurs)."""
+    return float(2.0 * intersection / size_sum) if size_sum else empty
+
+
+class DiceAccumulator:
+    """Pooled (global) Dice per class over many volumes or slices: |P ∩ R| and |P| + |R| are summed
+    first, so a class absent from one volume counts neither as 0 nor as 1 there. Used by training
+    validation, the export's Dice gate and the benchmarks."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+        self.inter = np.zeros(self.num_classes, dtype=np.int64)
+        self.total = np.zeros(self.num_classes, dtype=np.int64)
+
+    def add(self, pred: np.ndarray, ref: np.ndarray) -> None:
+        pred, ref = np.asarray(pred).ravel(), np.asarray(ref).ravel()
+        if pred.shape != ref.shape:
+            raise InputError(f"prediction and reference sizes differ: {pred.shape} vs {ref.shape}")
+        c = self.num_classes
+        pairs = np.bincount(ref.astype(np.int64) * c + pred.astype(np.int64), minlength=c * c).reshape(c, c)
+        self.add_counts(np.diag(pairs), pairs.sum(axis=0) + pairs.sum(axis=1))
+
+    def add_counts(self, inter, total) -> None:
+        """Add per-class |P ∩ R| and |P| + |R| counted elsewhere (e.g. summed over processes)."""
+        self.inter += np.asarray(inter, dtype=np.int64)
+        self.total += np.asarray(total, dtype=np.int64)
+
+    def dice(self, class_names) -> dict:
+        """{class_name: Dice} for the foreground classes; None where the class is in neither."""
+        return {class_names[c]: dice_score(self.inter[c], self.total[c], empty=None)
+                for c in range(1, self.num_classes)}
+
+
 def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     """Bounding box of a non-empty mask plus `margin`, clipped to the array (per-axis projections)."""
     box = []
@@ -62,17 +97,18 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     with surface=False ASSD and HD95 are not computed (None), which saves the distance transforms."""
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     if n_ref == 0 and n_pred == 0:
-        return {"dice": 1.0, "voe": 0.0, "rvd": 0.0, "assd": 0.0, "hd95": 0.0}
+        return {"dice": dice_score(0, 0), "voe": 0.0, "rvd": 0.0, "assd": 0.0, "hd95": 0.0}
     rvd = (n_pred - n_ref) / n_ref if n_ref else math.nan
     if n_ref == 0 or n_pred == 0:
         return {"dice": 0.0, "voe": 1.0, "rvd": rvd, "assd": missing_distance, "hd95": missing_distance}
     inter = int(np.count_nonzero(pred & ref))
     union = n_pred + n_ref - inter
+    dice = dice_score(inter, n_pred + n_ref)
     if not surface:
-        return {"dice": 2.0 * inter / (n_pred + n_ref), "voe": 1.0 - inter / union, "rvd": rvd,
+        return {"dice": dice, "voe": 1.0 - inter / union, "rvd": rvd,
                 "assd": None, "hd95": None}
     d_pr, d_rp = surface_distances(pred, ref, spacing)
-    return {"dice": 2.0 * inter / (n_pred + n_ref),
+    return {"dice": dice,
             "voe": 1.0 - inter / union,
             "rvd": rvd,
             "assd": float((d_pr.mean() + d_rp.mean()) / 2.0),
