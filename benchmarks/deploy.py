@@ -1,7 +1,7 @@
 """Deployment report: what the distilled student buys at inference time, in one run.
 
 On one phantom CT volume (512x512x100 for the cpu preset), file to file through the SDK's own
-timing code (`regionkd.sdk.cli_bench.measure`: warm-up, then median, mean and SD (p95 from 20) over repeats, with
+timing code (`regionkd.sdk.bench.measure`: warm-up, then median, mean and SD (p95 from 20) over repeats, with
 the load / preprocess / inference / postprocess / write breakdown):
   - the teacher and the student in PyTorch eager (same pre/post-processing, `Segmenter.from_backend`),
   - the student's bundle through onnxruntime FP32 and INT8 (and TensorRT FP16/INT8 where a GPU is),
@@ -125,7 +125,7 @@ def make_models(p: Preset, work: Path, quiet: bool, student_arch: str | None = N
 def make_volume(p: Preset, work: Path) -> Path:
     """The timed volume: one phantom of the preset's shape, written once as NIfTI."""
     from regionkd.sdk.atomic import atomic_path
-    from regionkd.sdk.cli_bench import write_volume
+    from regionkd.sdk.bench import write_volume
     from regionkd.train.data.phantoms import generate_phantom
 
     path = work / f"volume-{'x'.join(map(str, p.volume_shape))}.nii.gz"
@@ -147,7 +147,7 @@ def gflops_of(ckpt: Path) -> float:
 
 
 def timing_row(m: dict, base: dict) -> dict:
-    """A results row from `regionkd.sdk.cli_bench.measure`'s dict."""
+    """A results row from `regionkd.sdk.bench.measure`'s dict."""
     return {**base, "latency_ms": {"median": m["median_ms"], "mean": m.get("mean_ms"), "sd": m.get("sd_ms"),
                                    "p95": m["p95_ms"], "min": m["min_ms"]},   # p95: None below 20 repeats
             "breakdown_ms": m["stages_median_ms"], "outside_inference_share": m["outside_inference_share"],
@@ -174,17 +174,16 @@ def measure_all(p: Preset, teacher: Path, students: list, volume: Path, threads:
 
 def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir: Path, volume: Path, threads: int,
                      quiet: bool) -> list:
-    from tqdm import tqdm
-
+    from regionkd.sdk.bench import measure, reset_peak_rss
     from regionkd.sdk.bundle import load_bundle
-    from regionkd.sdk.cli_bench import TorchModelBackend, measure, reset_peak_rss
+    from regionkd.sdk.console import progress_bar
     from regionkd.sdk.errors import RegionKDError
-    from regionkd.sdk.segmenter import Segmenter, organ_labels_of
+    from regionkd.sdk.segmenter import Segmenter
     from regionkd.sdk.volume_io import read_nifti
+    from regionkd.train.torch_backend import open_checkpoint
 
     bundle = load_bundle(bundle_dir)
     shape = [int(v) for v in read_nifti(volume).data.shape]
-    organ_labels = organ_labels_of(bundle.preprocessing, bundle.class_names)
     student_gflops = bundle.manifest["model"].get("gflops_per_slice") or gflops_of(student)
     jobs = ([("torch", teacher, "fp32")] if teacher else []) + [
         ("torch", student, "fp32"), ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]
@@ -193,18 +192,18 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
     elif not quiet and teacher:
         click.echo("no CUDA GPU here: TensorRT FP16/INT8 rows skipped", err=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp:
-        for runtime, what, precision in tqdm(jobs, desc=f"deploy latency ({bundle.manifest['model']['arch']})",
-                                             unit="config", disable=quiet):
+    with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp, \
+            progress_bar(total=len(jobs), desc=f"deploy latency ({bundle.manifest['model']['arch']})",
+                         unit="config", quiet=quiet) as bar:
+        for runtime, what, precision in jobs:
             rss_reset = reset_peak_rss()        # each configuration's own peak memory
             try:
                 if runtime == "torch":
-                    engine = TorchModelBackend(what, threads, p.infer_batch)
-                    ck = engine.checkpoint
-                    seg = Segmenter.from_backend(engine, ck["preprocessing"], ck["class_names"],
-                                                 organ_labels=organ_labels, batch_size=p.infer_batch)
-                    base = {"arch": ck["arch"], "role": ck["role"], "runtime": "torch", "precision": "fp32",
-                            "model_file": Path(what).name, "bytes": engine.state_bytes, "params": engine.params,
+                    model = open_checkpoint(what, threads=threads, batch_size=p.infer_batch)
+                    seg = Segmenter.from_backend(model.backend, model.preprocessing, model.class_names,
+                                                 organ_labels=model.organ_labels, batch_size=p.infer_batch)
+                    base = {"arch": model.arch, "role": model.role, "runtime": "torch", "precision": "fp32",
+                            "model_file": Path(what).name, "bytes": model.size_bytes, "params": model.params,
                             "gflops_per_slice": gflops_of(what)}
                 else:
                     seg = Segmenter(bundle, backend=runtime, precision=precision, batch_size=p.infer_batch,
@@ -217,11 +216,13 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
             except RegionKDError as exc:
                 rows.append({"arch": bundle.manifest["model"]["arch"], "runtime": runtime, "precision": precision,
                              "skipped": str(exc)})
+                bar.update(1)
                 continue
             base["volume_shape"] = shape
             with seg:
                 rows.append(timing_row(measure(seg, Path(volume), Path(tmp), p.warmup, p.repeat, rss_reset=rss_reset),
                                        base))
+            bar.update(1)
     return rows
 
 

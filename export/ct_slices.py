@@ -113,8 +113,8 @@ def stratified_slices(root, n: int, window, input_size, *, lesion_label: int = 2
 
 def synthetic_slices(n: int, window, input_size, seed: int = 0) -> np.ndarray:
     """(n, 1, H, W) network input from a synthetic CT (air, body, a liver with a tumour, noise:
-    `regionkd.sdk.cli_bench.synthetic_ct`): the parity check's slices when no CT data is given."""
-    from regionkd.sdk.cli_bench import synthetic_ct
+    `regionkd.sdk.bench.synthetic_ct`): the parity check's slices when no CT data is given."""
+    from regionkd.sdk.bench import synthetic_ct
 
     h, w = (int(v) for v in input_size)
     hu, _ = synthetic_ct((max(h, 32), max(w, 32), n + 2), seed=seed)

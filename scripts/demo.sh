@@ -97,7 +97,7 @@ OMP_NUM_THREADS=2 regionkd-segment "$OUT/liver.bundle" "$HELD_IMG" -o "$OUT/mask
 
 step "7/8 latency per volume: the bundle against the PyTorch teacher and student"
 OMP_NUM_THREADS=2 regionkd-bench "$OUT/liver.bundle" --volume "$HELD_IMG" --precisions fp32,int8 --repeat 3 \
-  --torch-checkpoint "$OUT/teacher.pt" --torch-checkpoint "$OUT/distilled.pt" --json "$OUT/bench.json"
+  --checkpoint "$OUT/teacher.pt" --checkpoint "$OUT/distilled.pt" --json "$OUT/bench.json"
 step "8/8 DICOM: the held-out phantom as a CT series -> mask + DICOM SEG + statistics + preview beside the ground truth"
 python - "$HELD_IMG" "$OUT/dicom" <<'PY'
 import sys

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .errors import InputError
+from .errors import BackendError, InputError
 from .mask_io import check_output_path, mask_image, write_mask
 from .nifti_bounds import DEFAULT_MAX_VOXELS
 from .outputs import OUTPUT_TYPES, check_output_type, seg_path_for, statistics_path_for  # noqa: F401
@@ -175,7 +175,13 @@ class Segmenter:
     def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None,
                      allow_implausible: bool = False, axial_axis: int | None = None,
                      max_voxels: int | None = DEFAULT_MAX_VOXELS):
-        """A Segmenter over any object with `run(batch)` (e.g. a PyTorch model adapter in regionkd-bench)."""
+        """A Segmenter over any `backends.base.Backend` (e.g. a training checkpoint's PyTorch backend,
+        or onnxruntime over one ONNX file in the export's validation)."""
+        from .backends.base import Backend
+
+        if not isinstance(backend, Backend):
+            raise BackendError(f"Segmenter.from_backend needs a regionkd.sdk.backends.base.Backend, got "
+                               f"{type(backend).__name__}")
         self = cls.__new__(cls)
         self.bundle = None
         if organ_labels is None:
@@ -203,13 +209,13 @@ class Segmenter:
         from .postprocess import organ_component_counts
 
         self.organ_labels = organ_component_counts(organ_labels)
-        self.batch_size = int(batch_size or getattr(backend, "max_batch", None) or 16)
-        self._lock = None if getattr(backend, "thread_safe", False) else threading.Lock()
+        self.batch_size = int(batch_size or backend.max_batch)
+        self._lock = None if backend.thread_safe else threading.Lock()
 
     @property
     def model_size_bytes(self) -> int:
         """Size of the model file the backend runs (ONNX or engine)."""
-        path = getattr(self.backend, "model_path", None)
+        path = self.backend.model_path
         return int(os.path.getsize(path)) if path else 0
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
@@ -269,9 +275,8 @@ class Segmenter:
                 batch = preprocess_slices(hu_slices[start:stop], self.window, self.input_size)
             with timer.stage("inference"):
                 logits = self._infer(batch)
-            last = getattr(self.backend, "last_gpu_ms", None)
-            if last is not None:
-                gpu_ms = (gpu_ms or 0.0) + float(last)
+            if self.backend.last_gpu_ms is not None:
+                gpu_ms = (gpu_ms or 0.0) + float(self.backend.last_gpu_ms)
             with timer.stage("postprocess"):
                 labels[start:stop] = logits_to_labels(logits, (x, y))
         with timer.stage("postprocess"):
@@ -380,8 +385,7 @@ class Segmenter:
         """The DICOM SEG (a highdicom Segmentation) of `result` over its source `series`."""
         from .dicom_seg import algorithm_parameters, build_segmentation
 
-        algorithm = algorithm_parameters(self.bundle, getattr(self.backend, "precision", None),
-                                         getattr(self.backend, "name", None))
+        algorithm = algorithm_parameters(self.bundle, self.backend.precision, self.backend.name)
         codes = ((self.bundle.manifest.get("model") or {}).get("segment_codes") if self.bundle is not None else None)
         with _Stage(result.timings, "dicom_seg"):
             return build_segmentation(np.asarray(result.mask.dataobj), series, self.class_names, algorithm=algorithm,

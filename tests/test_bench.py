@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_main
 
-from regionkd.sdk.cli_bench import format_table, main, percentile, synthetic_ct
+from regionkd.sdk.bench import format_table, percentile, synthetic_ct
+from regionkd.sdk.cli_bench import main
 from regionkd.sdk.timing import STAGES
 
 
@@ -23,10 +24,19 @@ def test_percentile_is_numpy_linear():
 
 
 def test_synthetic_ct_has_body_liver_and_tumour():
-    data, affine = synthetic_ct((40, 40, 8))
-    assert data.dtype == np.int16 and data.shape == (40, 40, 8)
-    assert (data < -800).any() and (data > 70).any()
+    data, affine = synthetic_ct((80, 80, 16))
+    assert data.dtype == np.int16 and data.shape == (80, 80, 16)
     assert np.allclose(np.diag(affine)[:3], [0.75, 0.75, 2.5])
+    coords = [np.linspace(-1, 1, n) for n in data.shape]
+
+    def mean_hu_near(x, y, z, r=2):
+        i, j, k = (int(np.abs(c - v).argmin()) for c, v in zip(coords, (x, y, z)))
+        return float(data[i - r:i + r + 1, j - r:j + r + 1, k - 1:k + 2].mean())
+
+    assert mean_hu_near(-0.95, -0.95, 0) < -800                 # air outside the body
+    assert abs(mean_hu_near(0.6, 0.0, 0) - 40) < 10             # body
+    assert abs(mean_hu_near(-0.35, 0.35, 0) - 90) < 10          # liver
+    assert abs(mean_hu_near(-0.3, 0.1, 0) - 45) < 10            # the hypodense tumour inside the liver
 
 
 def test_bench_reports_every_precision_with_stage_breakdown(tiny_bundle, tmp_path, capsys):
@@ -109,7 +119,7 @@ def test_torch_checkpoint_is_timed_side_by_side(tiny_bundle, tmp_path, capsys):
     path = checkpoint.save_checkpoint(tmp_path / "student.pt", ckpt)
     out = tmp_path / "bench.json"
     code, stdout, _ = run([tiny_bundle, "--shape", "24,24,4", "--precisions", "fp32", "--repeat", "2",
-                           "--torch-checkpoint", path, "--threads", "1", "--json", out, "--quiet"], capsys)
+                           "--checkpoint", path, "--threads", "1", "--json", out, "--quiet"], capsys)
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["backend"] for r in rows] == ["onnxruntime", "pytorch"]
@@ -121,7 +131,7 @@ def test_torch_checkpoint_is_timed_side_by_side(tiny_bundle, tmp_path, capsys):
 
 
 def test_percentiles_need_enough_runs_and_peaks_are_per_configuration(tiny_bundle, tmp_path, capsys):
-    from regionkd.sdk.cli_bench import peak_rss_mb, reset_peak_rss, tail
+    from regionkd.sdk.bench import peak_rss_mb, reset_peak_rss, tail
 
     assert tail(list(range(19)), 95) is None and tail(list(range(20)), 95) == pytest.approx(18.05)
     assert tail(list(range(99)), 99) is None and tail(list(range(100)), 99) is not None

@@ -4,15 +4,20 @@ A backend has `name`, `precision`, `model_path`, `max_batch`, `thread_safe`, `la
 `run(batch)` ((n, 1, H, W) float32 -> (n, C, H, W) float32 logits) and `close()`.
 `create_backend("auto", ...)` prefers TensorRT, then TensorRT-RTX, then onnxruntime, and logs
 which one it chose and why (each GPU backend's `tensorrt_available` gives the reason it cannot run).
+
+Training checkpoints are read by the package that wrote them, never here: a package registers an
+opener under the entry-point group CHECKPOINT_OPENERS (the training package registers one for its
+checkpoints), and `open_checkpoint` uses the first that accepts the file.
 """
 from __future__ import annotations
 
 import logging
 
 from ..bundle import PRECISIONS, Bundle, load_bundle
-from ..errors import BackendError, RegionKDError
+from ..errors import BackendError, InputError, MissingDependencyError, RegionKDError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+CHECKPOINT_OPENERS = "regionkd.checkpoint_openers"
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +84,24 @@ def create_backend(name: str, bundle, precision: str, threads: int | None = None
 
 
 __all__ = ["BACKENDS", "create_backend"]
+
+
+def open_checkpoint(path, threads: int | None = None, batch_size: int | None = None):
+    """A `base.CheckpointModel` for a training checkpoint file, from the openers installed packages
+    register (see the module doc); an opener returns None for a file it does not read."""
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: no such file")
+    openers = sorted(entry_points(group=CHECKPOINT_OPENERS), key=lambda ep: ep.name)
+    if not openers:
+        raise MissingDependencyError(f"checkpoint {path}: no installed package reads training checkpoints; "
+                                     "install the training extra (pip install 'regionkd[train]')")
+    for ep in openers:
+        model = ep.load()(path, threads=threads, batch_size=batch_size)
+        if model is not None:
+            return model
+    raise InputError(f"checkpoint {path}: none of the installed readers ({', '.join(ep.name for ep in openers)}) "
+                     "recognises this file")

@@ -12,13 +12,14 @@ import logging
 import numpy as np
 
 from ..errors import BackendError, BundleError, require
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     thread_safe = True
 

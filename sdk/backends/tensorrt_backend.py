@@ -23,6 +23,7 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..errors import BackendError, BundleError, MissingDependencyError, RegionKDError, require
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _make_logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Runs one engine on GPU 0 with pinned host buffers, async copies and execute_async_v3 on one stream.
 
     Thread-safe: each `run` pushes this backend's CUDA context on the calling thread under a lock."""
@@ -395,12 +396,6 @@ class TensorRTBackend:
                 self._cuda.Context.pop()
                 self._cuda_context.detach()
                 self._cuda_context = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def create_tensorrt_backend(bundle, precision: str, rtx: bool = False, batch_size: int | None = None,

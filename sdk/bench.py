@@ -1,0 +1,250 @@
+"""Per-volume latency of a bundle, and of training checkpoints beside it, on one CT volume, with
+the stage breakdown, so that the time spent outside the network is visible (`regionkd-bench`
+parses its options and calls `run_benchmark`; benchmarks/deploy.py uses `measure`).
+
+Each configuration runs the full file-to-file path (`Segmenter.segment_file`: read the NIfTI file
+or DICOM series, preprocess, inference, postprocess, write the mask) after warm-up runs; a row
+gives the mean, SD and median over the repeats, p95 from 20 repeats on and p99 from 100 (fewer
+runs cannot estimate a tail), and the GPU compute time where a backend measures it. Peak memory
+is each configuration's own: the resident high-water mark is reset before the configuration
+starts (Linux /proc/self/clear_refs) and read after its last run. A training checkpoint runs
+behind the backend its package registers (`backends.open_checkpoint`) through the same
+Segmenter, so its stage times compare directly with the bundle's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, MissingDependencyError, RegionKDError
+from .timing import STAGES
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_ct(shape, spacing=(0.75, 0.75, 2.5), seed: int = 0):
+    """A CT-like volume (int16 HU, RAS affine): air, body, a liver with a hypodense tumour, noise."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x = np.linspace(-1, 1, nx, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, ny, dtype=np.float32)[None, :, None]
+    z = np.linspace(-1, 1, nz, dtype=np.float32)[None, None, :]
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[np.broadcast_to((x / 0.9) ** 2 + (y / 0.75) ** 2 <= 1, shape)] = 40.0
+    liver = ((x + 0.35) / 0.4) ** 2 + ((y - 0.1) / 0.45) ** 2 + (z / 0.8) ** 2 <= 1
+    hu[liver] = 90.0
+    hu[((x + 0.3) / 0.12) ** 2 + ((y - 0.1) / 0.12) ** 2 + (z / 0.25) ** 2 <= 1] = 45.0
+    hu += rng.normal(0, 12, size=shape).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    return np.round(hu).astype(np.int16), affine
+
+
+def write_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+#: runs needed before a percentile is reported: a p95 of 5 runs is their maximum, not a tail estimate
+MIN_RUNS_FOR = {95: 20, 99: 100}
+
+
+def tail(values, q: int) -> float | None:
+    return percentile(values, q) if len(values) >= MIN_RUNS_FOR[q] else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux: VmHWM); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> tuple[float, str]:
+    """(peak resident memory in MB, its scope): since the last reset_peak_rss() ("configuration") where
+    Linux gives VmHWM, else the process's high-water mark since it started ("process")."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0, "configuration"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "process"   # kB on Linux
+
+
+def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int, rss_reset: bool = False) -> dict:
+    """Warm up, then time `repeat` file-to-file runs; plus one traced run for the Python/numpy heap peak.
+    `rss_reset`: the high-water mark was reset when this configuration started (see peak_rss_mb)."""
+    out = out_dir / "mask.nii.gz"
+    for _ in range(warmup):
+        segmenter.segment_file(volume, out)
+    runs = [segmenter.segment_file(volume, out).timings for _ in range(repeat)]
+    tracemalloc.start()
+    try:
+        segmenter.segment_file(volume, out)
+        traced_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    totals = [r["total"] for r in runs]
+    median_stage = {s: float(np.median([r[s] for r in runs])) for s in STAGES}
+    slices = int(runs[0]["slices"])
+    med_total = float(np.median(totals))
+    rss, scope = peak_rss_mb()
+    gpu = [r["gpu"] for r in runs if "gpu" in r]
+    row = {
+        "median_ms": med_total,
+        "mean_ms": float(np.mean(totals)),
+        "sd_ms": float(np.std(totals, ddof=1)) if len(totals) > 1 else 0.0,
+        "p95_ms": tail(totals, 95),
+        "p99_ms": tail(totals, 99),
+        "min_ms": float(np.min(totals)),
+        "max_ms": float(np.max(totals)),
+        "stages_median_ms": median_stage,
+        "outside_inference_share": 1.0 - median_stage["inference"] / med_total if med_total else None,
+        "slices": slices,
+        "slices_per_s": slices / (med_total / 1000.0) if med_total else None,
+        "inference_slices_per_s": slices / (median_stage["inference"] / 1000.0) if median_stage["inference"] else None,
+        "gpu_median_ms": float(np.median(gpu)) if gpu else None,
+        "gpu_mean_ms": float(np.mean(gpu)) if gpu else None,
+        "traced_peak_mb": traced_peak / 1e6,
+        "peak_rss_mb": rss,
+        "peak_rss_scope": scope if rss_reset or scope == "process" else "process",
+        "repeat": repeat,
+        "warmup": warmup,
+    }
+    return row
+
+
+def format_table(rows) -> str:
+    head = ["model", "backend", "prec", "median ms", "mean ± SD ms", "p95 ms", "p99 ms", "gpu ms", "load", "pre",
+            "infer", "post", "write", "outside %", "slices/s", "size MB", "params", "peak RSS MB"]
+    lines = []
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append([r["model"], r["backend"], r["precision"], f"skipped: {r.get('reason', '')}"])
+            continue
+        st = r["stages_median_ms"]
+        opt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append([r["model"], r["backend"], r["precision"], f"{r['median_ms']:.1f}",
+                      f"{r.get('mean_ms', r['median_ms']):.1f} ± {r.get('sd_ms', 0.0):.1f}", opt(r.get("p95_ms")),
+                      opt(r.get("p99_ms")), opt(r.get("gpu_median_ms")),
+                      *(f"{st[s]:.1f}" for s in STAGES), f"{100 * r['outside_inference_share']:.1f}",
+                      f"{r['slices_per_s']:.1f}", f"{r['size_bytes'] / 1e6:.3f}",
+                      "-" if r.get("params") is None else f"{r['params']:,}", f"{r['peak_rss_mb']:.0f}"])
+    full = [l for l in lines if len(l) == len(head)]
+    widths = [max([len(head[i])] + [len(l[i]) for l in full]) for i in range(len(head))]
+
+    def fmt(cells):
+        return " | ".join(c.ljust(widths[i]) for i, c in enumerate(cells))
+
+    out = [fmt(head), "-+-".join("-" * w for w in widths)]
+    out += [fmt(l) if len(l) == len(head) else " | ".join(l) for l in lines]
+    return "\n".join(out)
+
+
+
+
+def describe_volume(volume: Path) -> dict:
+    """Source and shape of the volume timed (a NIfTI file or a DICOM series folder)."""
+    if Path(volume).is_dir():
+        from .dicom_io import read_dicom_series
+        return {"source": str(volume), "kind": "dicom", "shape": list(read_dicom_series(volume).shape)}
+    from .volume_io import read_nifti
+    return {"source": str(volume), "shape": list(read_nifti(volume).data.shape)}
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _open_configuration(bundle, kind: str, which: str, precision: str, batch_size, threads, device):
+    """(Segmenter, the row's description) of one configuration: a bundle backend and precision, or a checkpoint."""
+    from .backends import open_checkpoint
+    from .segmenter import Segmenter
+
+    if kind == "bundle":
+        seg = Segmenter(bundle, backend=which, precision=precision, batch_size=batch_size, threads=threads,
+                        device=device)
+        return seg, {"backend": seg.backend.name, "model_file": seg.backend.model_path.name,
+                     "size_bytes": seg.model_size_bytes, "params": bundle.params}
+    model = open_checkpoint(Path(which), threads=threads, batch_size=batch_size)
+    seg = Segmenter.from_backend(model.backend, model.preprocessing, model.class_names,
+                                 organ_labels=model.organ_labels, batch_size=batch_size)
+    return seg, {"model": model.description, "backend": model.backend.name, "model_file": Path(which).name,
+                 "size_bytes": model.size_bytes, "params": model.params}
+
+
+def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",), precisions=None,
+                  checkpoints=(), device: int = 0, repeat: int = 10, warmup: int = 1, batch_size=None,
+                  threads=None, progress=None, on_skip=None) -> dict:
+    """Time every (backend, precision) of `bundle` and every training checkpoint in `checkpoints` on
+    `volume` (a NIfTI file or DICOM series folder; default: a synthetic CT of `shape`). Returns the
+    report {bundle, volume, machine, settings, rows}; a configuration that cannot run here becomes a
+    row with status "skipped" and its reason (`on_skip(row)` is called; `require_measured` says
+    whether anything ran). `progress(1)` is called after each configuration."""
+    from .bundle import Bundle, load_bundle
+
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    precisions = list(precisions) if precisions else b.precisions
+    jobs = [("bundle", be, pr) for be in backends for pr in precisions] + [("checkpoint", str(c), "fp32")
+                                                                           for c in checkpoints]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="regionkd-bench-") as tmp:
+        tmp = Path(tmp)
+        if volume is None:
+            data, affine = synthetic_ct(shape)
+            volume = write_volume(tmp / "synthetic.nii.gz", data, affine)
+            vol_info = {"source": "synthetic", "shape": list(data.shape)}
+            del data
+        else:
+            vol_info = describe_volume(volume)
+        for kind, which, precision in jobs:
+            row = {"model": b.manifest["model"].get("name", "bundle") if kind == "bundle" else Path(which).name,
+                   "backend": which, "precision": precision}
+            rss_reset = reset_peak_rss()        # this configuration's own peak, not an earlier one's
+            try:
+                seg, described = _open_configuration(b, kind, which, precision, batch_size, threads, device)
+            except (RegionKDError, MissingDependencyError) as exc:
+                row.update(status="skipped", reason=str(exc))
+                if on_skip is not None:
+                    on_skip(row)
+            else:
+                row.update(described)
+                with seg:
+                    row.update(measure(seg, Path(volume), tmp, warmup, repeat, rss_reset=rss_reset), status="ok")
+            rows.append(row)
+            if progress is not None:
+                progress(1)
+    return {"bundle": str(b.root), "volume": vol_info, "machine": machine_info(),
+            "settings": {"repeat": repeat, "warmup": warmup, "batch_size": batch_size, "threads": threads,
+                         "device": device},
+            "rows": rows}
+
+
+def require_measured(report: dict) -> None:
+    """Refuse a report in which no configuration could run, naming why each was skipped."""
+    if not any(r.get("status") == "ok" for r in report["rows"]):
+        raise InputError("nothing could be benchmarked: " + "; ".join(r.get("reason", "") for r in report["rows"]))
