@@ -1,7 +1,7 @@
-"""`regionkd-segment`: segment CT volumes (NIfTI files, folders of them, DICOM series folders)
-with a model bundle. Every input is tried in isolation: whatever goes wrong with one (a refused
-volume, a full disk, MemoryError, any exception) is reported for that input and the run goes on;
-the exit status is 1 when any input failed, and a closing line says how many."""
+"""`regionkd-segment`: segment CT volumes (NIfTI files, folders of them, DICOM series folders, or a
+study on a PACS) with a model bundle. This module parses the options and prints; the work is
+`Segmenter.segment_files` (regionkd.sdk.batch) and `regionkd.sdk.pacs.segment_study`. The exit
+status is 1 when any input failed, and a closing line says how many."""
 from __future__ import annotations
 
 import logging
@@ -10,114 +10,11 @@ from pathlib import Path
 
 import click
 
-from .atomic import is_temp_name, remove_stale_temps
-from .console import run_cli, version_option
-from .outputs import OUTPUT_TYPES, SEG_SUFFIX
-from .errors import InputError, RegionKDError
-from .mask_io import NIFTI_SUFFIXES
+from .console import progress_bar, run_cli, version_option
+from .errors import InputError
 from .nifti_bounds import DEFAULT_MAX_VOXELS
+from .outputs import OUTPUT_TYPES
 from .timing import format_timings
-
-
-def expand_inputs(paths) -> list[Path]:
-    """Files as given; a folder holding NIfTI files gives those files; any other folder is a DICOM
-    series. In a folder, hidden files (".name": editor and OS droppings, AppleDouble "._x.nii.gz")
-    and the temporary files of interrupted writes are never inputs."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            niftis = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES)
-                            and not f.name.startswith(".") and not is_temp_name(f.name))
-            out.extend(niftis if niftis else [p])
-        else:
-            out.append(p)  # a missing file is reported when its turn comes, the others still run
-    return out
-
-
-def volume_name(path: Path) -> str:
-    """'case_001' for case_001.nii.gz, the folder name for a DICOM series."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES[::-1]:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_file_name(output: Path, output_type: str) -> bool:
-    return output.name.lower().endswith(".dcm") if output_type == "dicom-seg" else output.name.endswith(NIFTI_SUFFIXES)
-
-
-def output_paths(inputs: list[Path], output: Path, one_given: bool = False, output_type: str = "nifti") -> list[Path]:
-    """Where each input's result goes (a NIfTI mask, or for --output-type dicom-seg the SEG file).
-    One input and an OUTPUT ending in .nii/.nii.gz (.dcm for dicom-seg): that file. Otherwise
-    OUTPUT is a folder of results named like their inputs (DICOM series: '<folder>.nii.gz' or
-    '<folder>.seg.dcm'). For one input given as a file or series (`one_given`), OUTPUT must be
-    such a file name or an existing folder: `-o x.png` is refused instead of becoming a folder."""
-    kind = "a DICOM SEG file ending in .dcm" if output_type == "dicom-seg" else "a mask file ending in .nii or .nii.gz"
-    if len(inputs) == 1 and _is_file_name(output, output_type):
-        return [output]
-    if _is_file_name(output, output_type) or (output_type == "dicom-seg" and output.name.endswith(NIFTI_SUFFIXES)):
-        raise InputError(f"output {output}: several inputs need an output folder, not a file name"
-                         if len(inputs) > 1 else f"output {output}: for --output-type {output_type}, name {kind}")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output}: exists and is not a folder")
-    if one_given and not output.is_dir():
-        raise InputError(f"output {output}: for one input, name {kind}, or an existing folder")
-    if output_type == "dicom-seg":
-        return [output / (volume_name(p) + SEG_SUFFIX) for p in inputs]
-    names = [p.name if p.name.endswith(NIFTI_SUFFIXES) else volume_name(p) + ".nii.gz" for p in inputs]
-    return [output / n for n in names]
-
-
-def preview_path(preview: Path, input_path: Path, several: bool) -> Path:
-    return preview.with_name(f"{preview.stem}_{volume_name(input_path)}.png") if several else preview
-
-
-def reference_for(reference: Path | None, input_path: Path, several: bool) -> Path | None:
-    """--reference: a mask file (one input), or a folder holding '<volume name>.nii.gz' per input."""
-    if reference is None:
-        return None
-    if reference.is_dir():
-        for suffix in NIFTI_SUFFIXES[::-1]:
-            candidate = reference / (volume_name(input_path) + suffix)
-            if candidate.is_file():
-                return candidate
-        raise InputError(f"--reference {reference}: no {volume_name(input_path)}.nii.gz for {input_path}")
-    if several:
-        raise InputError(f"--reference {reference}: a file is one input's reference; for several inputs give a folder "
-                         "of masks named like the inputs")
-    return reference
-
-
-def _write_preview(preview: Path, result, segmenter, reference: Path | None) -> None:
-    import numpy as np
-
-    from .preview import write_preview
-
-    ref = None
-    if reference is not None:
-        from .volume_io import read_nifti
-
-        ref_vol = read_nifti(reference, kind="label")
-        if ref_vol.data.shape[:3] != result.mask.shape[:3] or not np.allclose(ref_vol.affine, result.mask.affine,
-                                                                               atol=1e-3):
-            raise InputError(f"--reference {reference}: shape {ref_vol.data.shape} / affine differ from the input's "
-                             f"{result.mask.shape}; the reference must be a mask of this volume")
-        ref = np.asarray(ref_vol.data).reshape(result.mask.shape)
-    write_preview(preview, result.image, np.asarray(result.mask.dataobj), result.mask.affine, segmenter.window,
-                  class_names=segmenter.class_names, axial_axis=result.axial_axis, reference=ref)
-
-
-def describe_failure(path: Path, exc: BaseException) -> str:
-    """One line for an input that failed: regionkd's own messages name the input already."""
-    if isinstance(exc, RegionKDError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return f"{path}: out of memory while segmenting it ({str(exc) or type(exc).__name__}); try --max-voxels or a smaller volume"
-    if isinstance(exc, OSError):
-        text = str(exc)
-        return text if str(path) in text or (exc.filename and str(exc.filename) in text) else f"{path}: {text}"
-    return f"{path}: unexpected {type(exc).__name__}: {exc}"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -248,56 +145,37 @@ def _result_line(path, result, outs: dict) -> str:
 
 
 def _segment_files(segmenter, inputs, output, output_type, statistics, preview, reference, quiet, run_report):
-    from tqdm import tqdm
+    from .batch import expand_inputs
 
-    paths = expand_inputs(inputs)
-    one_given = len(inputs) == 1 and not (Path(inputs[0]).is_dir() and paths != [Path(inputs[0])])
-    outputs = output_paths(paths, output, one_given=one_given, output_type=output_type)
-    for folder in {o.parent for o in outputs}:
-        remove_stale_temps(folder)           # temporaries of earlier runs that were killed mid-write
-    failed = warned = 0
-    seen = set()
-    for path, out in tqdm(list(zip(paths, outputs)), desc="segmenting", unit="vol", disable=quiet):
-        try:
-            if out in seen:
-                raise InputError(f"{path}: another input already writes {out}")
-            seen.add(out)
-            if is_temp_name(path.name):
-                raise InputError(f"{path}: a temporary file left by an interrupted regionkd write, not an input")
-            ref = reference_for(reference, path, len(paths) > 1)
-            result = segmenter.segment_file(path, out, keep_image=preview is not None, output_type=output_type,
-                                            statistics=statistics)
-            outs = dict(result.outputs)
-            if preview is not None:
-                target = preview_path(preview, path, len(paths) > 1)
-                _write_preview(target, result, segmenter, ref)
-                outs["preview"] = str(target)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one input must never stop the others
-            failed += 1
-            message = describe_failure(path, exc)
-            run_report.add(str(path), status="failed", error=message)
-            tqdm.write(f"error: {message}", file=sys.stderr)
-            continue
-        warned += bool(result.warnings)
-        run_report.add(str(path), status="ok", result=result, outputs=outs)
-        for w in result.warnings if quiet else ():
-            tqdm.write(f"warning: {path}: {w}", file=sys.stderr)
-        tqdm.write(_result_line(path, result, outs))
-    return failed, warned, len(paths)
+    counts = {"failed": 0, "warned": 0}
+    with progress_bar(total=len(expand_inputs(inputs)), desc="segmenting", unit="vol", quiet=quiet) as bar:
+        def report(outcome):
+            if not outcome.ok:
+                counts["failed"] += 1
+                run_report.add(str(outcome.input), status="failed", error=outcome.error)
+                bar.write(f"error: {outcome.error}", file=sys.stderr)
+            else:
+                counts["warned"] += bool(outcome.result.warnings)
+                run_report.add(str(outcome.input), status="ok", result=outcome.result, outputs=outcome.outputs)
+                for w in outcome.result.warnings if quiet else ():
+                    bar.write(f"warning: {outcome.input}: {w}", file=sys.stderr)
+                bar.write(_result_line(outcome.input, outcome.result, outcome.outputs), file=sys.stdout)
+            bar.update(1)
+
+        outcomes = segmenter.segment_files(inputs, output, output_type=output_type, statistics=statistics,
+                                           preview=preview, reference=reference, on_outcome=report)
+    return counts["failed"], counts["warned"], len(outcomes)
 
 
 def _segment_pacs(segmenter, url, study, series_uids, output, output_type, statistics, timeout, quiet, run_report):
     """The PACS round trip (regionkd.sdk.pacs): all or nothing for the study; (failed, total)."""
-    from tqdm import tqdm
-
+    from .batch import describe_failure
     from .pacs import segment_study
 
     where = f"{url} study {study}"
     if output is not None and output.exists() and not output.is_dir():
         raise InputError(f"output {output}: with --dicomweb, -o is a folder for local copies")
-    bar = tqdm(desc="PACS round trip", unit="step", disable=quiet, bar_format="{desc} [{elapsed}]")
+    bar = progress_bar(desc="PACS round trip", unit="step", quiet=quiet)
     try:
         outcomes = segment_study(segmenter, url, study, list(series_uids) or None, statistics=statistics,
                                  local_dir=output, output_type=output_type, timeout=timeout,
@@ -308,16 +186,16 @@ def _segment_pacs(segmenter, url, study, series_uids, output, output_type, stati
         bar.close()
         message = describe_failure(Path(where), exc)
         run_report.add(where, status="failed", error=message)
-        tqdm.write(f"error: {message}", file=sys.stderr)
+        bar.write(f"error: {message}", file=sys.stderr)
         return 1, max(1, len(series_uids))
     bar.close()
     for o in outcomes:
         name = f"{url} series {o.series.series_instance_uid}"
         run_report.add(name, status="ok", result=o.result, outputs=o.outputs, extra_timings=o.timings)
         for w in o.result.warnings if quiet else ():
-            tqdm.write(f"warning: {name}: {w}", file=sys.stderr)
-        tqdm.write(_result_line(name, o.result, o.outputs) +
-                   f" (PACS: {', '.join(f'{k} {v:.0f} ms' for k, v in o.timings.items())})")
+            bar.write(f"warning: {name}: {w}", file=sys.stderr)
+        bar.write(_result_line(name, o.result, o.outputs) +
+                  f" (PACS: {', '.join(f'{k} {v:.0f} ms' for k, v in o.timings.items())})", file=sys.stdout)
     return 0, len(outcomes)
 
 

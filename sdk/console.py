@@ -73,6 +73,11 @@ class _LineProgress:
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
 
+    def set_description_str(self, text: str, refresh: bool = False) -> None:
+        """A step's name (e.g. of the PACS round trip): one line each."""
+        self.desc = text
+        self._line()
+
     def write(self, message: str, file=None) -> None:
         print(message, file=file or sys.stdout, flush=True)
 

@@ -366,6 +366,17 @@ class Segmenter:
         result.outputs = {k: str(v) for k, v in paths.items()}
         return result
 
+    def segment_files(self, inputs, output, output_type: str = "nifti", statistics: bool = False, preview=None,
+                      reference=None, on_outcome=None) -> list:
+        """Segment many inputs (NIfTI files, folders of them, DICOM series folders) into `output` (a
+        file for one input, else a folder of results named like the inputs), each in isolation: one
+        `regionkd.sdk.batch.FileOutcome` per input, in order, also passed to `on_outcome` as soon as
+        it is known. `preview`: a PNG per input (with `reference` masks drawn beside, optional)."""
+        from .batch import segment_files
+
+        return segment_files(self, inputs, output, output_type=output_type, statistics=statistics, preview=preview,
+                             reference=reference, on_outcome=on_outcome)
+
     def segment_series(self, series, statistics: bool = False, axial_axis: int | None = None) -> SegmentationResult:
         """Segment a `regionkd.sdk.dicom_io.DicomSeries` (e.g. retrieved from a PACS) and build its
         DICOM SEG (`result.dicom_seg`); nothing is written."""

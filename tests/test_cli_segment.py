@@ -198,7 +198,7 @@ def test_any_exception_of_one_input_is_reported_and_the_run_goes_on(tiny_bundle,
 
 
 def test_an_out_of_memory_error_without_text_is_named():
-    from regionkd.sdk.cli_segment import describe_failure
+    from regionkd.sdk.batch import describe_failure
 
     assert describe_failure(Path("ct.nii.gz"), MemoryError()) == (
         "ct.nii.gz: out of memory while segmenting it (MemoryError); try --max-voxels or a smaller volume")
