@@ -90,11 +90,6 @@ class CanonicalVolume:
         """Voxel size in mm along the original file's axes."""
         return tuple(float(v) for v in voxel_sizes(self.original_affine))
 
-    @property
-    def axcodes(self) -> tuple[str, str, str]:
-        """Axis codes of the original file (e.g. ('L', 'P', 'S'))."""
-        return tuple(nio.ornt2axcodes(self.ornt))
-
     def to_original(self, canonical_array: np.ndarray) -> np.ndarray:
         """Map an array in canonical voxel order back to the original file's voxel order. The result
         is Fortran-ordered, the order a NIfTI file stores voxels in, so writing it is a plain copy

@@ -148,6 +148,43 @@ def _verified_bundle(bundle, trusted_keys) -> Bundle:
     return bundle
 
 
+def _planned_outputs(input_path: Path, output_path: Path, output_type: str, statistics: bool, seg_path=None,
+                     statistics_path=None) -> dict:
+    """{kind: path} of what segment_file writes, checked before anything is read: a SEG needs a
+    DICOM series input and a .dcm name, and no output may be the input itself."""
+    paths = {}
+    if output_type == "dicom-seg":
+        if not output_path.name.lower().endswith(".dcm"):
+            raise InputError(f"output {output_path}: a DICOM SEG file name must end in .dcm")
+        paths["dicom-seg"] = output_path
+    else:
+        paths["nifti"] = check_output_path(output_path)
+        if output_type == "both":
+            paths["dicom-seg"] = Path(seg_path) if seg_path is not None else seg_path_for(output_path)
+    if statistics:
+        paths["statistics"] = Path(statistics_path) if statistics_path is not None else statistics_path_for(output_path)
+    for path in paths.values():
+        if input_path.exists() and path.resolve() == input_path.resolve():
+            raise InputError(f"output {path} is the input file; refusing to overwrite it")
+    if "dicom-seg" in paths and not input_path.is_dir():
+        raise InputError(f"{input_path}: --output-type {output_type} needs a DICOM series folder as input (a "
+                         "DICOM SEG references the UIDs of the CT images it was computed from); this input is "
+                         "not a folder. Use --output-type nifti, or give the DICOM series")
+    return paths
+
+
+def _write_outputs(result, paths: dict) -> None:
+    """Each output atomically, all of them built before the first is written."""
+    if "nifti" in paths:
+        write_mask(result.mask, paths["nifti"])
+    if "dicom-seg" in paths:
+        from .dicom_seg import write_segmentation
+        write_segmentation(result.dicom_seg, paths["dicom-seg"])
+    if "statistics" in paths:
+        from .statistics import write_statistics
+        write_statistics(paths["statistics"], result.statistics)
+
+
 class Segmenter:
     """Segment CT volumes with a bundle. `backend`: auto | onnxruntime | tensorrt | tensorrt-rtx.
 
@@ -242,7 +279,7 @@ class Segmenter:
             if not self.allow_implausible:
                 findings.settle(False)          # refused from the header alone: no voxel is read
             data = image_to_hu(image, name, complex_ok=self.allow_implausible)
-        result = self._segment_array(data, image.affine, image.header, timer, name, findings, axial_axis)
+        result = self._segment_array(data, image.affine, image.header, timer, findings, axial_axis)
         if statistics:
             result.statistics = self._statistics(result, data, name)
         return result
@@ -254,9 +291,8 @@ class Segmenter:
             return compute_statistics(np.asarray(result.mask.dataobj), data, result.mask.affine, self.class_names,
                                       axial_axis=result.axial_axis, input_name=name)
 
-    def _segment_array(self, data, affine, header, timer: StageTimer, name: str, findings: Findings | None = None,
+    def _segment_array(self, data, affine, header, timer: StageTimer, findings: Findings,
                        axial_axis: int | None = None) -> SegmentationResult:
-        findings = findings or Findings(name)
         with timer.stage("preprocess"):
             # plausibility of the voxels and of the slicing (refused here unless allow_implausible)
             geometry = slice_geometry(affine, self.axial_axis if axial_axis is None else axial_axis)
@@ -305,66 +341,40 @@ class Segmenter:
         is written, and each is written atomically. `keep_image` returns the input's HU voxels in
         `result.image` (e.g. for a preview) so that nothing has to read the file a second time."""
         check_output_type(output_type)
-        input_path, output_path = Path(input_path), Path(output_path)
-        paths = {}
-        if output_type == "dicom-seg":
-            if not output_path.name.lower().endswith(".dcm"):
-                raise InputError(f"output {output_path}: a DICOM SEG file name must end in .dcm")
-            paths["dicom-seg"] = output_path
-        else:
-            paths["nifti"] = check_output_path(output_path)
-            if output_type == "both":
-                paths["dicom-seg"] = Path(seg_path) if seg_path is not None else seg_path_for(output_path)
-        if statistics:
-            paths["statistics"] = Path(statistics_path) if statistics_path is not None else \
-                statistics_path_for(output_path)
-        for kind, path in paths.items():
-            if input_path.exists() and path.resolve() == input_path.resolve():
-                raise InputError(f"output {path} is the input file; refusing to overwrite it")
-        wants_seg = "dicom-seg" in paths
-        if wants_seg and not input_path.is_dir():
-            raise InputError(f"{input_path}: --output-type {output_type} needs a DICOM series folder as input (a "
-                             "DICOM SEG references the UIDs of the CT images it was computed from); this input is "
-                             "not a folder. Use --output-type nifti, or give the DICOM series")
+        input_path = Path(input_path)
+        paths = _planned_outputs(input_path, Path(output_path), output_type, statistics, seg_path, statistics_path)
         timer = StageTimer()
         findings = Findings(str(input_path))
-        series = None
         with timer.stage("load"):
-            if input_path.is_dir():
-                from .dicom_io import load_dicom_series
-                series = load_dicom_series(input_path, max_voxels=self.max_voxels)
-                image = series.image
-                data, affine, header = image_to_hu(image, str(input_path)), image.affine, image.header
-                scaling = None
-            else:
-                from .volume_io import read_nifti
-                vol = read_nifti(input_path, kind="image", max_voxels=self.max_voxels,
-                                 complex_ok=self.allow_implausible)
-                data, affine, header = np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header
-                scaling = vol.scaling
+            data, affine, header, series, scaling = self._read_input(input_path)
             check_header(findings, header, scaling)
-        result = self._segment_array(data, affine, header, timer, str(input_path), findings, axial_axis)
+        result = self._segment_array(data, affine, header, timer, findings, axial_axis)
         if statistics:
             result.statistics = self._statistics(result, data, str(input_path))
-        if wants_seg:
+        if "dicom-seg" in paths:
             result.dicom_seg = self.dicom_segmentation(result, series)
         if keep_image:
             result.image = data
         del data
         with timer.stage("write"):
-            if "nifti" in paths:
-                write_mask(result.mask, paths["nifti"])
-            if wants_seg:
-                from .dicom_seg import write_segmentation
-                write_segmentation(result.dicom_seg, paths["dicom-seg"])
-            if statistics:
-                from .statistics import write_statistics
-                write_statistics(paths["statistics"], result.statistics)
+            _write_outputs(result, paths)
         extra = {k: result.timings[k] for k in EXTRA_STAGES if k in result.timings}
         result.timings.update(timer.as_dict())
         result.timings["total"] += sum(extra.values())
         result.outputs = {k: str(v) for k, v in paths.items()}
         return result
+
+    def _read_input(self, input_path: Path):
+        """(HU voxels, affine, header, DicomSeries or None, NIfTI scaling or None) of a NIfTI file or a
+        DICOM series folder, refused before reading when it declares more than max_voxels."""
+        if input_path.is_dir():
+            from .dicom_io import load_dicom_series
+            series = load_dicom_series(input_path, max_voxels=self.max_voxels)
+            image = series.image
+            return image_to_hu(image, str(input_path)), image.affine, image.header, series, None
+        from .volume_io import read_nifti
+        vol = read_nifti(input_path, kind="image", max_voxels=self.max_voxels, complex_ok=self.allow_implausible)
+        return np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header, None, vol.scaling
 
     def segment_files(self, inputs, output, output_type: str = "nifti", statistics: bool = False, preview=None,
                       reference=None, on_outcome=None) -> list:
@@ -385,8 +395,7 @@ class Segmenter:
         with timer.stage("load"):
             data = image_to_hu(series.image, series.where)
             check_header(findings, series.image.header, None)
-        result = self._segment_array(data, series.image.affine, series.image.header, timer, series.where, findings,
-                                     axial_axis)
+        result = self._segment_array(data, series.image.affine, series.image.header, timer, findings, axial_axis)
         if statistics:
             result.statistics = self._statistics(result, data, series.where)
         result.dicom_seg = self.dicom_segmentation(result, series)

@@ -22,9 +22,6 @@ class StageTimer:
         finally:
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
 
-    def add(self, name: str, ms: float) -> None:
-        self.ms[name] = self.ms.get(name, 0.0) + float(ms)
-
     def as_dict(self) -> dict:
         """Stage times plus 'total' (sum of the STAGES)."""
         out = dict(self.ms)
