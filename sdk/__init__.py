@@ -1,7 +1,8 @@
 """regionkd.sdk: the runtime that scanner software embeds.
 
-Imports stay light (numpy, nibabel, onnxruntime on use); torch is never imported here, and
-TensorRT/pycuda only inside the TensorRT backend.
+Imports stay light (numpy, nibabel, onnxruntime on use): no deep-learning framework and nothing
+of the training or export packages is ever imported here, and TensorRT/pycuda only inside the
+TensorRT backend.
 """
 from __future__ import annotations
 

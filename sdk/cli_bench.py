@@ -48,7 +48,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
               help="Timed runs per configuration (p95 needs 20, p99 100).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Slices per inference call.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (onnxruntime, PyTorch).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (onnxruntime, and the checkpoints of --checkpoint).")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path),
               help="Also time this training checkpoint (teacher or student .pt) through the same pre- and "
                    "post-processing, eager on the CPU (repeatable; needs the train extra).")

@@ -21,6 +21,8 @@ import numpy as np
 from nibabel import orientations as nio
 from nibabel.affines import voxel_sizes
 
+from .errors import InputError
+
 RAS = nio.axcodes2ornt(("R", "A", "S"))
 OBLIQUE_WARN_DEG = 15.0       # routine gantry tilts stay below; beyond it axial slices are clearly tilted
 TIE_MARGIN_DEG = 10.0         # axial axis ambiguous when the next voxel axis is this close to S (tilt > 40 deg)
@@ -59,7 +61,7 @@ def slice_geometry(affine: np.ndarray, axial_axis: int | None = None) -> SliceGe
         axial = int(np.flatnonzero(ornt[:, 0] == 2)[0])
     else:
         if axial_axis not in (0, 1, 2):
-            raise ValueError(f"axial_axis must be 0, 1 or 2 (a voxel axis of the volume), got {axial_axis!r}")
+            raise InputError(f"axial_axis must be 0, 1 or 2 (a voxel axis of the volume), got {axial_axis!r}")
         axial = int(axial_axis)
         a, b = [i for i in range(3) if i != axial]
         world = {a: 0, b: 1} if abs(cos[0, a]) + abs(cos[1, b]) >= abs(cos[0, b]) + abs(cos[1, a]) else {a: 1, b: 0}
@@ -95,7 +97,7 @@ class CanonicalVolume:
         is Fortran-ordered, the order a NIfTI file stores voxels in, so writing it is a plain copy
         (a C-ordered result cost one more full transposition in nibabel's writer)."""
         if canonical_array.shape[:3] != self.data.shape[:3]:
-            raise ValueError(f"array shape {canonical_array.shape} does not match the canonical volume {self.data.shape}")
+            raise InputError(f"array shape {canonical_array.shape} does not match the canonical volume {self.data.shape}")
         back = nio.ornt_transform(RAS, self.ornt)
         out = nio.apply_orientation(canonical_array, back)
         assert out.shape[:3] == tuple(self.original_shape[:3])
@@ -106,7 +108,7 @@ def to_canonical(data: np.ndarray, affine: np.ndarray, ornt: np.ndarray | None =
     """Reorient a 3D array with its affine to the closest canonical (RAS+) orientation, or to the
     one `ornt` gives (from `slice_geometry`, e.g. with the axial axis named by the caller)."""
     if data.ndim != 3:
-        raise ValueError(f"expected a 3D array, got shape {data.shape}")
+        raise InputError(f"expected a 3D array, got shape {data.shape}")
     affine = np.asarray(affine, dtype=np.float64)
     ornt = nio.io_orientation(affine) if ornt is None else np.asarray(ornt, dtype=np.float64)
     canonical = nio.apply_orientation(data, ornt)

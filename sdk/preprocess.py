@@ -2,9 +2,9 @@
 
 Slices come from a canonical volume (x, y, z) as an array (z, x, y). Intensities are clipped to
 a HU window and scaled to [-1, 1]. In-plane resizing is separable linear interpolation with
-half-pixel centres (torch's bilinear with align_corners=False, no antialiasing). It is written
+half-pixel centres (the bilinear resize of training, align_corners=False, no antialiasing). It is written
 here because the libraries at hand do not fit: scipy.ndimage.zoom has other edge conventions
-and is slow on 512x512 slices, and the SDK may not import torch. Each axis is a gather of the
+and is slow on 512x512 slices, and the SDK may not import the training framework. Each axis is a gather of the
 two neighbours and a weighted sum, which is memory-bound and cheap.
 
 `logits_to_labels` gives exactly argmax(resize(logits)) but interpolates only where it can
@@ -18,12 +18,14 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import InputError
+
 
 def window_and_scale(hu: np.ndarray, window) -> np.ndarray:
     """Clip HU to [lo, hi] and scale linearly to [-1, 1] (float32)."""
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:
-        raise ValueError(f"HU window must have hi > lo, got {window}")
+        raise InputError(f"HU window must have hi > lo, got {window}")
     out = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
     out -= (lo + hi) / 2.0
     out *= 2.0 / (hi - lo)

@@ -212,7 +212,7 @@ class Segmenter:
     def from_backend(cls, backend, preprocessing: dict, class_names, organ_labels=None, batch_size=None,
                      allow_implausible: bool = False, axial_axis: int | None = None,
                      max_voxels: int | None = DEFAULT_MAX_VOXELS):
-        """A Segmenter over any `backends.base.Backend` (e.g. a training checkpoint's PyTorch backend,
+        """A Segmenter over any `backends.base.Backend` (e.g. the training package's backend over a checkpoint,
         or onnxruntime over one ONNX file in the export's validation)."""
         from .backends.base import Backend
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
+from regionkd.sdk.errors import InputError
 from regionkd.sdk.preprocess import (
     linear_resize_matrix, logits_to_labels, resize_labels_nearest, resize_slices, window_and_scale,
 )
@@ -11,7 +12,7 @@ from regionkd.sdk.preprocess import (
 def test_window_and_scale_maps_window_to_unit_range():
     hu = np.array([-1000.0, -60.0, 40.0, 140.0, 2000.0])
     np.testing.assert_allclose(window_and_scale(hu, (-60, 140)), [-1.0, -1.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="hi > lo"):
         window_and_scale(hu, (10, 10))
 
 

@@ -2,7 +2,7 @@
 
 A backend turns a batch of pre-processed slices, (n, 1, H, W) float32, into logits, (n, C, H, W)
 float32. The Segmenter reads the attributes below and calls `run` and `close`; nothing else.
-Implementations: onnxruntime, TensorRT and TensorRT-RTX here, and the PyTorch backend of the
+Implementations: onnxruntime, TensorRT and TensorRT-RTX here, and the eager backend of the
 training package (a checkpoint evaluated through the same Segmenter as an exported bundle).
 """
 from __future__ import annotations
