@@ -128,43 +128,125 @@ def describe_failure(path: Path, exc: BaseException) -> str:
     return f"{path}: unexpected {type(exc).__name__}: {exc}"
 
 
-def _segment_one(segmenter, path: Path, out: Path, several: bool, output_type, statistics, preview,
-                 reference) -> FileOutcome:
-    if is_temp_name(path.name):
-        raise InputError(f"{path}: a temporary file left by an interrupted regionkd write, not an input")
-    ref = reference_for(reference, path, several)
-    result = segmenter.segment_file(path, out, keep_image=preview is not None, output_type=output_type,
-                                    statistics=statistics)
-    outs = dict(result.outputs)
-    if preview is not None:
-        target = preview_path(preview, path, several)
-        _write_preview(target, result, segmenter, ref)
-        outs["preview"] = str(target)
-    return FileOutcome(path, result=result, outputs=outs)
+@dataclass
+class _Planned:
+    """An input checked before it is read: where its result goes, its reference mask, or why not."""
+    input: Path
+    output: Path
+    reference: Path | None = None
+    error: str | None = None
 
 
-def segment_files(segmenter, inputs, output, output_type: str = "nifti", statistics: bool = False,
-                  preview=None, reference=None, on_outcome=None) -> list[FileOutcome]:
-    """Segment every input (see `expand_inputs`) into `output` (see `output_paths`), in order; one
-    FileOutcome per input, passed to `on_outcome` as soon as it is known. `preview`: a PNG per
-    input; `reference`: ground-truth masks drawn in it. Nothing but a Ctrl-C stops the run."""
-    paths = expand_inputs(inputs)
-    one_given = len(inputs) == 1 and not (Path(inputs[0]).is_dir() and paths != [Path(inputs[0])])
-    outputs = output_paths(paths, Path(output), one_given=one_given, output_type=output_type)
-    for folder in {o.parent for o in outputs}:
-        remove_stale_temps(folder)           # temporaries of earlier runs that were killed mid-write
-    outcomes, seen = [], set()
+def _plan(paths, outputs, reference) -> list[_Planned]:
+    planned, seen = [], set()
     for path, out in zip(paths, outputs):
         try:
             if out in seen:
                 raise InputError(f"{path}: another input already writes {out}")
             seen.add(out)
-            outcome = _segment_one(segmenter, path, out, len(paths) > 1, output_type, statistics, preview, reference)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one input must never stop the others
-            outcome = FileOutcome(path, error=describe_failure(path, exc))
+            if is_temp_name(path.name):
+                raise InputError(f"{path}: a temporary file left by an interrupted regionkd write, not an input")
+            planned.append(_Planned(path, out, reference_for(reference, path, len(paths) > 1)))
+        except RegionKDError as exc:
+            planned.append(_Planned(path, out, error=describe_failure(path, exc)))
+    return planned
+
+
+def _guarded(path: Path, step, *args):
+    """(value, None) of `step(*args)`, or (None, the failure line): one input never stops the others."""
+    try:
+        return step(*args), None
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one input must never stop the others
+        return None, describe_failure(path, exc)
+
+
+class _Steps:
+    """The three steps of one input (read, segment, write with its preview) for segment_files."""
+
+    def __init__(self, segmenter, output_type, statistics, preview, several):
+        self.segmenter, self.output_type, self.statistics = segmenter, output_type, statistics
+        self.preview, self.several = preview, several
+
+    def read(self, item: _Planned):
+        if item.error is not None:
+            return None, item.error
+        return _guarded(item.input, self.segmenter.read_file, item.input, item.output, self.output_type,
+                        self.statistics)
+
+    def segment(self, item: _Planned, job):
+        return _guarded(item.input, self.segmenter.segment_job, job, self.preview is not None)
+
+    def write(self, item: _Planned, job, result) -> FileOutcome:
+        def write():
+            self.segmenter.write_file(job, result)
+            outs = dict(result.outputs)
+            if self.preview is not None:
+                target = preview_path(self.preview, item.input, self.several)
+                _write_preview(target, result, self.segmenter, item.reference)
+                outs["preview"] = str(target)
+            result.image = None                  # the voxels were kept for the preview only
+            return outs
+
+        outs, error = _guarded(item.input, write)
+        return FileOutcome(item.input, error=error) if error else FileOutcome(item.input, result=result, outputs=outs)
+
+
+def _run_sequential(steps: _Steps, planned, emit) -> None:
+    for item in planned:
+        job, error = steps.read(item)
+        if error is None:
+            result, error = steps.segment(item, job)
+        emit(FileOutcome(item.input, error=error) if error else steps.write(item, job, result))
+
+
+def _run_pipelined(steps: _Steps, planned, emit) -> None:
+    """Read the next input and write the previous one in background threads while one is inferred.
+    At most one read ahead and one write behind: memory holds three volumes at most, and outcomes
+    come in input order, as in the sequential run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="regionkd-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="regionkd-write") as writer:
+        ahead = reader.submit(steps.read, planned[0]) if planned else None
+        behind = None
+        for i, item in enumerate(planned):
+            job, error = ahead.result()
+            ahead = reader.submit(steps.read, planned[i + 1]) if i + 1 < len(planned) else None
+            if error is None:
+                result, error = steps.segment(item, job)
+            if behind is not None:
+                emit(behind.result())
+                behind = None
+            if error is not None:
+                emit(FileOutcome(item.input, error=error))
+            else:
+                behind = writer.submit(steps.write, item, job, result)
+        if behind is not None:
+            emit(behind.result())
+
+
+def segment_files(segmenter, inputs, output, output_type: str = "nifti", statistics: bool = False,
+                  preview=None, reference=None, on_outcome=None, pipelined: bool = True) -> list[FileOutcome]:
+    """Segment every input (see `expand_inputs`) into `output` (see `output_paths`); one FileOutcome
+    per input, in input order, passed to `on_outcome` as soon as it is known. `preview`: a PNG per
+    input; `reference`: ground-truth masks drawn in it. `pipelined`: overlap reading and writing
+    with inference (the same outcomes and files as one after the other). Nothing but a Ctrl-C stops
+    the run."""
+    paths = expand_inputs(inputs)
+    one_given = len(inputs) == 1 and not (Path(inputs[0]).is_dir() and paths != [Path(inputs[0])])
+    outputs = output_paths(paths, Path(output), one_given=one_given, output_type=output_type)
+    for folder in {o.parent for o in outputs}:
+        remove_stale_temps(folder)           # temporaries of earlier runs that were killed mid-write
+    outcomes = []
+
+    def emit(outcome: FileOutcome) -> None:
         outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
+
+    steps = _Steps(segmenter, output_type, statistics, preview, len(paths) > 1)
+    run = _run_pipelined if pipelined and len(paths) > 1 else _run_sequential
+    run(steps, _plan(paths, outputs, reference), emit)
     return outcomes

@@ -148,6 +148,20 @@ def _verified_bundle(bundle, trusted_keys) -> Bundle:
     return bundle
 
 
+@dataclass
+class FileJob:
+    """One input between the steps of `Segmenter.segment_file`: where its outputs go, its timer and
+    findings, and (until segmented) its voxels and geometry."""
+    input_path: Path
+    paths: dict
+    timer: StageTimer
+    findings: Findings
+    data: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    header: object = None
+    series: object = None
+
+
 def _planned_outputs(input_path: Path, output_path: Path, output_type: str, statistics: bool, seg_path=None,
                      statistics_path=None) -> dict:
     """{kind: path} of what segment_file writes, checked before anything is read: a SEG needs a
@@ -340,28 +354,45 @@ class Segmenter:
         default `<stem>.statistics.json` beside the mask). Every output is built before the first
         is written, and each is written atomically. `keep_image` returns the input's HU voxels in
         `result.image` (e.g. for a preview) so that nothing has to read the file a second time."""
+        job = self.read_file(input_path, output_path, output_type, statistics, seg_path, statistics_path)
+        return self.write_file(job, self.segment_job(job, keep_image=keep_image, axial_axis=axial_axis))
+
+    # segment_file in its three steps, which segment_files overlaps across volumes (reading the next
+    # and writing the previous while one is inferred)
+
+    def read_file(self, input_path, output_path, output_type: str = "nifti", statistics: bool = False,
+                  seg_path=None, statistics_path=None) -> FileJob:
+        """Step 1 of segment_file: plan and check the outputs, read and check the input."""
         check_output_type(output_type)
         input_path = Path(input_path)
         paths = _planned_outputs(input_path, Path(output_path), output_type, statistics, seg_path, statistics_path)
-        timer = StageTimer()
-        findings = Findings(str(input_path))
-        with timer.stage("load"):
-            data, affine, header, series, scaling = self._read_input(input_path)
-            check_header(findings, header, scaling)
-        result = self._segment_array(data, affine, header, timer, findings, axial_axis)
-        if statistics:
-            result.statistics = self._statistics(result, data, str(input_path))
-        if "dicom-seg" in paths:
-            result.dicom_seg = self.dicom_segmentation(result, series)
+        job = FileJob(input_path, paths, StageTimer(), Findings(str(input_path)))
+        with job.timer.stage("load"):
+            job.data, job.affine, job.header, job.series, scaling = self._read_input(input_path)
+            check_header(job.findings, job.header, scaling)
+        return job
+
+    def segment_job(self, job: FileJob, keep_image: bool = False, axial_axis: int | None = None) -> SegmentationResult:
+        """Step 2: segment the volume read (statistics and DICOM SEG too, when its outputs ask for
+        them); the job lets go of its voxels."""
+        result = self._segment_array(job.data, job.affine, job.header, job.timer, job.findings, axial_axis)
+        if "statistics" in job.paths:
+            result.statistics = self._statistics(result, job.data, str(job.input_path))
+        if "dicom-seg" in job.paths:
+            result.dicom_seg = self.dicom_segmentation(result, job.series)
         if keep_image:
-            result.image = data
-        del data
-        with timer.stage("write"):
-            _write_outputs(result, paths)
+            result.image = job.data
+        job.data = job.series = None
+        return result
+
+    def write_file(self, job: FileJob, result: SegmentationResult) -> SegmentationResult:
+        """Step 3: write every output atomically; the timings gain load and write."""
+        with job.timer.stage("write"):
+            _write_outputs(result, job.paths)
         extra = {k: result.timings[k] for k in EXTRA_STAGES if k in result.timings}
-        result.timings.update(timer.as_dict())
+        result.timings.update(job.timer.as_dict())
         result.timings["total"] += sum(extra.values())
-        result.outputs = {k: str(v) for k, v in paths.items()}
+        result.outputs = {k: str(v) for k, v in job.paths.items()}
         return result
 
     def _read_input(self, input_path: Path):
@@ -377,15 +408,16 @@ class Segmenter:
         return np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header, None, vol.scaling
 
     def segment_files(self, inputs, output, output_type: str = "nifti", statistics: bool = False, preview=None,
-                      reference=None, on_outcome=None) -> list:
+                      reference=None, on_outcome=None, pipelined: bool = True) -> list:
         """Segment many inputs (NIfTI files, folders of them, DICOM series folders) into `output` (a
         file for one input, else a folder of results named like the inputs), each in isolation: one
         `regionkd.sdk.batch.FileOutcome` per input, in order, also passed to `on_outcome` as soon as
-        it is known. `preview`: a PNG per input (with `reference` masks drawn beside, optional)."""
+        it is known. `preview`: a PNG per input (with `reference` masks drawn beside, optional).
+        `pipelined`: read the next input and write the previous one while one is inferred."""
         from .batch import segment_files
 
         return segment_files(self, inputs, output, output_type=output_type, statistics=statistics, preview=preview,
-                             reference=reference, on_outcome=on_outcome)
+                             reference=reference, on_outcome=on_outcome, pipelined=pipelined)
 
     def segment_series(self, series, statistics: bool = False, axial_axis: int | None = None) -> SegmentationResult:
         """Segment a `regionkd.sdk.dicom_io.DicomSeries` (e.g. retrieved from a PACS) and build its

@@ -178,15 +178,15 @@ def test_any_exception_of_one_input_is_reported_and_the_run_goes_on(tiny_bundle,
     folder.mkdir()
     for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
         shutil.copy(phantom_nifti, folder / name)
-    real = Segmenter.segment_file
+    real = Segmenter.read_file
     failures = {"a.nii.gz": MemoryError("Unable to allocate 6.5 GiB"), "b.nii.gz": KeyError("surprise")}
 
-    def flaky(self, path, out, **kw):
+    def flaky(self, path, out, *args, **kw):
         if path.name in failures:
             raise failures[path.name]
-        return real(self, path, out, **kw)
+        return real(self, path, out, *args, **kw)
 
-    monkeypatch.setattr(Segmenter, "segment_file", flaky)
+    monkeypatch.setattr(Segmenter, "read_file", flaky)
     code, _, err = run([tiny_bundle, folder, "-o", tmp_path / "masks", "--backend", "onnxruntime", "-q"], capsys)
     assert code == 1
     errors = [l for l in err.splitlines() if l.startswith("error:")]
@@ -298,3 +298,32 @@ def test_warnings_reach_the_per_volume_line_and_quiet_output(tiny_bundle, tmp_pa
     code, stdout, err = run([tiny_bundle, path, "-o", tmp_path / "m.nii.gz", "--backend", "onnxruntime", "-q"], capsys)
     assert code == 0 and stdout.count("\n") == 1 and "; warning: in-plane spacing 0.2 x 0.2 mm" in stdout
     assert err.startswith(f"warning: {path}: in-plane spacing 0.2 x 0.2 mm is far outside")
+
+
+@pytest.mark.parametrize("bad", ["middle", "last"])
+def test_pipelined_batch_gives_the_sequential_outcomes_and_files(tiny_bundle, phantom_nifti, tmp_path, bad):
+    """Reading ahead and writing behind changes nothing: the same outcomes in the same order, the same
+    mask bytes, and a corrupt input fails its own outcome only, wherever it sits."""
+    from regionkd.sdk.segmenter import Segmenter
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    names = ["a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"]
+    corrupt = names[1] if bad == "middle" else names[-1]
+    for name in names:
+        if name == corrupt:
+            (folder / name).write_bytes(b"\x1f\x8b not really gzip")
+        else:
+            shutil.copy(phantom_nifti, folder / name)
+    runs = {}
+    with Segmenter(tiny_bundle, backend="onnxruntime", threads=1) as seg:
+        for pipelined in (False, True):
+            out = tmp_path / f"masks-{pipelined}"
+            seen = []
+            outcomes = seg.segment_files([folder], out, pipelined=pipelined, on_outcome=seen.append)
+            assert seen == outcomes
+            runs[pipelined] = ([(o.input.name, o.ok) for o in outcomes],
+                               {p.name: np.asarray(nib.load(str(p)).dataobj).tobytes() for p in out.iterdir()})
+            assert [o.error is not None and corrupt in o.error for o in outcomes] == [n == corrupt for n in names]
+    assert runs[True] == runs[False]
+    assert [n for n, ok in runs[True][0]] == names and sorted(runs[True][1]) == sorted(set(names) - {corrupt})
