@@ -137,7 +137,7 @@ class _Planned:
     error: str | None = None
 
 
-def _plan(paths, outputs, reference) -> list[_Planned]:
+def _plan(paths, outputs, reference, several: bool) -> list[_Planned]:
     planned, seen = [], set()
     for path, out in zip(paths, outputs):
         try:
@@ -146,7 +146,7 @@ def _plan(paths, outputs, reference) -> list[_Planned]:
             seen.add(out)
             if is_temp_name(path.name):
                 raise InputError(f"{path}: a temporary file left by an interrupted regionkd write, not an input")
-            planned.append(_Planned(path, out, reference_for(reference, path, len(paths) > 1)))
+            planned.append(_Planned(path, out, reference_for(reference, path, several)))
         except RegionKDError as exc:
             planned.append(_Planned(path, out, error=describe_failure(path, exc)))
     return planned
@@ -227,16 +227,28 @@ def _run_pipelined(steps: _Steps, planned, emit) -> None:
             emit(behind.result())
 
 
+def select_part(items: list, num_parts: int = 1, part_id: int = 0) -> list:
+    """Part `part_id` of `num_parts` of the inputs, as nnU-Net splits them (`items[part_id::num_parts]`):
+    deterministic, so N processes given the same inputs (a SLURM array) share them without overlap."""
+    if int(num_parts) < 1 or not 0 <= int(part_id) < int(num_parts):
+        raise InputError(f"--part-id {part_id} of --num-parts {num_parts}: need num-parts >= 1 and "
+                         f"0 <= part-id < num-parts")
+    return list(items)[int(part_id)::int(num_parts)]
+
+
 def segment_files(segmenter, inputs, output, output_type: str = "nifti", statistics: bool = False,
-                  preview=None, reference=None, on_outcome=None, pipelined: bool = True) -> list[FileOutcome]:
+                  preview=None, reference=None, on_outcome=None, pipelined: bool = True, num_parts: int = 1,
+                  part_id: int = 0) -> list[FileOutcome]:
     """Segment every input (see `expand_inputs`) into `output` (see `output_paths`); one FileOutcome
     per input, in input order, passed to `on_outcome` as soon as it is known. `preview`: a PNG per
     input; `reference`: ground-truth masks drawn in it. `pipelined`: overlap reading and writing
-    with inference (the same outcomes and files as one after the other). Nothing but a Ctrl-C stops
-    the run."""
+    with inference (the same outcomes and files as one after the other). `num_parts`, `part_id`:
+    only this part of the inputs (`select_part`). Nothing but a Ctrl-C stops the run."""
     paths = expand_inputs(inputs)
     one_given = len(inputs) == 1 and not (Path(inputs[0]).is_dir() and paths != [Path(inputs[0])])
     outputs = output_paths(paths, Path(output), one_given=one_given, output_type=output_type)
+    several = len(paths) > 1
+    paths, outputs = select_part(paths, num_parts, part_id), select_part(outputs, num_parts, part_id)
     for folder in {o.parent for o in outputs}:
         remove_stale_temps(folder)           # temporaries of earlier runs that were killed mid-write
     outcomes = []
@@ -246,7 +258,7 @@ def segment_files(segmenter, inputs, output, output_type: str = "nifti", statist
         if on_outcome is not None:
             on_outcome(outcome)
 
-    steps = _Steps(segmenter, output_type, statistics, preview, len(paths) > 1)
+    steps = _Steps(segmenter, output_type, statistics, preview, several)
     run = _run_pipelined if pipelined and len(paths) > 1 else _run_sequential
-    run(steps, _plan(paths, outputs, reference), emit)
+    run(steps, _plan(paths, outputs, reference, several), emit)
     return outcomes

@@ -69,6 +69,14 @@ from .timing import format_timings
               help="The input's voxel axis (0, 1, 2) to slice as axial; needed for volumes tilted near 45 degrees.")
 @click.option("--max-voxels", type=click.IntRange(min=1), default=DEFAULT_MAX_VOXELS, show_default=True,
               help="Refuse a volume declaring more voxels, before its data is read.")
+@click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the inputs into this many parts and segment only --part-id (as nnU-Net: every "
+                   "num-parts-th input from part-id on), for scheduler arrays without a shared queue.")
+@click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which part of --num-parts this process segments (0-based).")
+@click.option("--no-pipeline", is_flag=True,
+              help="Segment the inputs strictly one after the other (by default the next input is read and the "
+                   "previous result written while one is inferred).")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar, banner or summary: only each volume's result line, warnings and errors "
                    "(and the summary when something failed).")
@@ -76,7 +84,7 @@ from .timing import format_timings
 @version_option
 def segment(bundle, inputs, output, output_type, statistics, backend, precision, device, batch_size, threads,
             no_largest_component, preview, reference, report, dicomweb, study, series_uids, dicomweb_timeout,
-            trusted_keys, allow_implausible, axial_axis, max_voxels, quiet, verbose):
+            trusted_keys, allow_implausible, axial_axis, max_voxels, num_parts, part_id, no_pipeline, quiet, verbose):
     """Segment CT volumes with the model BUNDLE and write uint8 masks (or DICOM SEG) with each input's geometry.
 
     INPUT is a NIfTI file (.nii, .nii.gz), a folder of NIfTI files, or a DICOM series folder.
@@ -107,6 +115,10 @@ def segment(bundle, inputs, output, output_type, statistics, backend, precision,
                                    "folder), or --dicomweb URL --study UID")
         if output is None:
             raise click.UsageError("missing option -o/--output (where the results go)")
+    if part_id >= num_parts:
+        raise click.UsageError(f"--part-id {part_id} must be below --num-parts {num_parts}")
+    if dicomweb is not None and num_parts > 1:
+        raise click.UsageError("--num-parts splits INPUT files; a --dicomweb study is segmented whole")
     if reference is not None and preview is None:
         raise click.UsageError("--reference is drawn in the --preview; give --preview PNG too")
     run_report = RunReport(report, bundle=bundle, backend=backend, precision=precision, output_type=output_type)
@@ -125,8 +137,9 @@ def segment(bundle, inputs, output, output_type, statistics, backend, precision,
                                           dicomweb_timeout, quiet, run_report)
             warned = sum(bool(r.get("warnings")) for r in run_report.records)
         else:
-            failed, warned, total = _segment_files(segmenter, inputs, output, output_type, statistics, preview,
-                                                   reference, quiet, run_report)
+            failed, warned, total = _segment_files(segmenter, inputs, output, quiet, run_report, dict(
+                output_type=output_type, statistics=statistics, preview=preview, reference=reference,
+                pipelined=not no_pipeline, num_parts=num_parts, part_id=part_id))
     run_report.write()
     if not quiet or failed:
         extra = (f", {failed} failed" if failed else "") + (f", {warned} with warnings" if warned else "")
@@ -144,11 +157,12 @@ def _result_line(path, result, outs: dict) -> str:
     return f"{path} ({shape}) -> {where}: {format_timings(result.timings)}{notes}"
 
 
-def _segment_files(segmenter, inputs, output, output_type, statistics, preview, reference, quiet, run_report):
-    from .batch import expand_inputs
+def _segment_files(segmenter, inputs, output, quiet, run_report, options: dict):
+    from .batch import expand_inputs, select_part
 
     counts = {"failed": 0, "warned": 0}
-    with progress_bar(total=len(expand_inputs(inputs)), desc="segmenting", unit="vol", quiet=quiet) as bar:
+    total = len(select_part(expand_inputs(inputs), options["num_parts"], options["part_id"]))
+    with progress_bar(total=total, desc="segmenting", unit="vol", quiet=quiet) as bar:
         def report(outcome):
             if not outcome.ok:
                 counts["failed"] += 1
@@ -162,8 +176,7 @@ def _segment_files(segmenter, inputs, output, output_type, statistics, preview, 
                 bar.write(_result_line(outcome.input, outcome.result, outcome.outputs), file=sys.stdout)
             bar.update(1)
 
-        outcomes = segmenter.segment_files(inputs, output, output_type=output_type, statistics=statistics,
-                                           preview=preview, reference=reference, on_outcome=report)
+        outcomes = segmenter.segment_files(inputs, output, on_outcome=report, **options)
     return counts["failed"], counts["warned"], len(outcomes)
 
 

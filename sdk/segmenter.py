@@ -408,16 +408,19 @@ class Segmenter:
         return np.asarray(vol.data, dtype=np.float32), vol.affine, vol.header, None, vol.scaling
 
     def segment_files(self, inputs, output, output_type: str = "nifti", statistics: bool = False, preview=None,
-                      reference=None, on_outcome=None, pipelined: bool = True) -> list:
+                      reference=None, on_outcome=None, pipelined: bool = True, num_parts: int = 1,
+                      part_id: int = 0) -> list:
         """Segment many inputs (NIfTI files, folders of them, DICOM series folders) into `output` (a
         file for one input, else a folder of results named like the inputs), each in isolation: one
         `regionkd.sdk.batch.FileOutcome` per input, in order, also passed to `on_outcome` as soon as
         it is known. `preview`: a PNG per input (with `reference` masks drawn beside, optional).
-        `pipelined`: read the next input and write the previous one while one is inferred."""
+        `pipelined`: read the next input and write the previous one while one is inferred.
+        `num_parts`, `part_id`: only that part of the inputs (`regionkd.sdk.batch.select_part`)."""
         from .batch import segment_files
 
         return segment_files(self, inputs, output, output_type=output_type, statistics=statistics, preview=preview,
-                             reference=reference, on_outcome=on_outcome, pipelined=pipelined)
+                             reference=reference, on_outcome=on_outcome, pipelined=pipelined, num_parts=num_parts,
+                             part_id=part_id)
 
     def segment_series(self, series, statistics: bool = False, axial_axis: int | None = None) -> SegmentationResult:
         """Segment a `regionkd.sdk.dicom_io.DicomSeries` (e.g. retrieved from a PACS) and build its

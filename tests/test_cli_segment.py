@@ -327,3 +327,21 @@ def test_pipelined_batch_gives_the_sequential_outcomes_and_files(tiny_bundle, ph
             assert [o.error is not None and corrupt in o.error for o in outcomes] == [n == corrupt for n in names]
     assert runs[True] == runs[False]
     assert [n for n, ok in runs[True][0]] == names and sorted(runs[True][1]) == sorted(set(names) - {corrupt})
+
+
+def test_num_parts_split_the_inputs_without_overlap_as_nnunet_does(tiny_bundle, phantom_nifti, tmp_path, capsys):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    names = [f"case_{i}.nii.gz" for i in range(5)]
+    for name in names:
+        shutil.copy(phantom_nifti, folder / name)
+    out = tmp_path / "masks"
+    written = []
+    for part in range(2):
+        code, _, _ = run([tiny_bundle, folder, "-o", out, "--backend", "onnxruntime", "-q", "--num-parts", "2",
+                          "--part-id", str(part)], capsys)
+        assert code == 0
+        written.append(sorted(set(leftovers(out)) - set(sum(written, []))))
+    assert written == [names[0::2], names[1::2]]          # nnU-Net's items[part_id::num_parts]
+    code, _, err = run([tiny_bundle, folder, "-o", out, "--num-parts", "2", "--part-id", "2"], capsys)
+    assert code == 2 and "--part-id 2 must be below --num-parts 2" in err
