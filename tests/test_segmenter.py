@@ -315,3 +315,25 @@ def test_a_numpy_array_with_its_affine_is_segmented_like_the_nibabel_image(tiny_
             seg.segment(hu, affine=np.eye(3))
     assert np.array_equal(np.asarray(from_image.mask.dataobj), np.asarray(from_array.mask.dataobj))
     assert np.array_equal(from_array.mask.affine, affine) and from_array.statistics is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cc3d_and_scipy_label_the_same_components_and_keep_the_same_voxels(seed):
+    """The largest-component step uses cc3d for speed; scipy.ndimage is the reference it must equal,
+    label for label (both number components in raster order), on masks with many small blobs."""
+    from regionkd.sdk.postprocess import label_components
+
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((40, 36, 12), np.uint8)
+    lab[5:30, 4:28, 2:10] = 1
+    lab[12:18, 10:16, 4:7] = 2                                  # tumour inside
+    lab[rng.random(lab.shape) < 0.03] = 1                       # organ-coloured specks
+    lab[rng.random(lab.shape) < 0.01] = 2                       # lesion specks
+    mask = lab > 0
+    a, na = label_components(mask, "scipy")
+    b, nb = label_components(mask, "cc3d")
+    assert na == nb > 10 and np.array_equal(a, b.astype(a.dtype))
+    for organs in ([1], {1: 2}):
+        ref = keep_largest_components(lab, organs, 3, labeller="scipy")
+        assert not np.array_equal(ref, lab)                     # the step did remove specks
+        assert np.array_equal(keep_largest_components(lab, organs, 3, labeller="cc3d"), ref)
