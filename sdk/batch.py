@@ -27,13 +27,44 @@ class FileOutcome:
         return self.error is None
 
 
+GLOB_CHARACTERS = "*?["
+
+
+def read_input_list(csv_path: Path) -> list[Path]:
+    """The inputs a CSV file lists: its `input` column (or its first column when no header names
+    one), one path per row, relative paths taken from the CSV's folder."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"{csv_path}: an empty input list")
+    header = [c.strip().lower() for c in rows[0]]
+    column = header.index("input") if "input" in header else 0
+    if "input" in header or not (Path(rows[0][0]).suffix or (csv_path.parent / rows[0][0]).exists()):
+        rows = rows[1:]                          # a header row
+    paths = [Path(r[column].strip()) for r in rows if len(r) > column and r[column].strip()]
+    if not paths:
+        raise InputError(f"{csv_path}: no input paths under its {'input' if 'input' in header else 'first'} column")
+    return [p if p.is_absolute() else csv_path.parent / p for p in paths]
+
+
 def expand_inputs(paths) -> list[Path]:
-    """Files as given; a folder holding NIfTI files gives those files; any other folder is a DICOM
-    series. In a folder, hidden files (".name": editor and OS droppings, AppleDouble "._x.nii.gz")
-    and the temporary files of interrupted writes are never inputs."""
+    """Files as given; a CSV file gives the inputs it lists (`read_input_list`); a glob pattern
+    ("scans/*.nii.gz", quoted so the shell leaves it) gives the files it matches, sorted; a folder
+    holding NIfTI files gives those files; any other folder is a DICOM series. In a folder, hidden
+    files (".name": editor and OS droppings, AppleDouble "._x.nii.gz") and the temporary files of
+    interrupted writes are never inputs."""
+    import glob
+
     out = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if not p.exists() and any(ch in str(p) for ch in GLOB_CHARACTERS):
+            matches = sorted(Path(m) for m in glob.glob(str(p)) if not is_temp_name(Path(m).name))
+            out.extend(matches if matches else [p])       # no match: reported as missing in its turn
+        elif p.is_file() and p.name.lower().endswith(".csv"):
+            out.extend(read_input_list(p))
+        elif p.is_dir():
             niftis = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES)
                             and not f.name.startswith(".") and not is_temp_name(f.name))
             out.extend(niftis if niftis else [p])
