@@ -158,6 +158,25 @@ def series_from_datasets(datasets, where: str, max_voxels: int | None = DEFAULT_
 
 
 def _assemble(slices, where: str, max_voxels) -> DicomSeries:
+    """The volume of the (path, dataset, geometry) image slices of one CT series, slices sorted along the normal."""
+    _check_one_ct_series(slices, where)
+    first = slices[0][2]
+    shape2d = (int(first["Rows"][0]), int(first["Columns"][0]))
+    _check_same_plane_and_size(slices, shape2d)
+    _check_voxel_limit(shape2d, len(slices), where, max_voxels)
+    orient = first["ImageOrientationPatient"]
+    order, positions = _order_along_normal(slices, np.cross(orient[:3], orient[3:]), where)
+    volume, headers = _volume_and_headers(slices, order, shape2d)
+    affine = _ras_affine(orient, first["PixelSpacing"], positions)
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return DicomSeries(image=image, datasets=headers, where=where)
+
+
+def _check_one_ct_series(slices, where: str) -> None:
+    """At least two distinct slices, all of one series, none of a modality other than CT."""
     if not slices:
         raise InputError(f"DICOM series {where}: no DICOM image slices found")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds, _ in slices}
@@ -172,11 +191,11 @@ def _assemble(slices, where: str, max_voxels) -> DicomSeries:
     if len({str(ds.get("SOPInstanceUID", n)) for n, (_, ds, _) in enumerate(slices)}) != len(slices):
         raise InputError(f"DICOM series {where}: two slices share one SOPInstanceUID (a file copied twice?)")
 
+
+def _check_same_plane_and_size(slices, shape2d) -> None:
+    """Every slice has the first one's orientation, Rows x Columns and PixelSpacing."""
     first_path, _, first = slices[0]
     orient = first["ImageOrientationPatient"]
-    row_dir, col_dir = orient[:3], orient[3:]
-    normal = np.cross(row_dir, col_dir)
-    shape2d = (int(first["Rows"][0]), int(first["Columns"][0]))
     for path, _, g in slices:
         if not np.allclose(g["ImageOrientationPatient"], orient, atol=1e-4):
             raise InputError(f"DICOM file {path}: ImageOrientationPatient differs from the rest of the series")
@@ -186,11 +205,19 @@ def _assemble(slices, where: str, max_voxels) -> DicomSeries:
         if not np.allclose(g["PixelSpacing"], first["PixelSpacing"], rtol=1e-4):
             raise InputError(f"DICOM file {path}: PixelSpacing {g['PixelSpacing'].tolist()} differs from "
                              f"{first['PixelSpacing'].tolist()} of {first_path.name}")
-    voxels = shape2d[0] * shape2d[1] * len(slices)
+
+
+def _check_voxel_limit(shape2d, n_slices: int, where: str, max_voxels) -> None:
+    """Refuse a series over `max_voxels` before any pixel data is decoded."""
+    voxels = shape2d[0] * shape2d[1] * n_slices
     if max_voxels is not None and voxels > max_voxels:
-        raise InputError(f"DICOM series {where}: {shape2d[0]}x{shape2d[1]}x{len(slices)} = {voxels:,} voxels, more "
+        raise InputError(f"DICOM series {where}: {shape2d[0]}x{shape2d[1]}x{n_slices} = {voxels:,} voxels, more "
                          f"than the limit of {max_voxels:,}")
 
+
+def _order_along_normal(slices, normal: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(slice order, ImagePositionPatient in that order) along the slice normal; the spacing must be uniform
+    (a missing slice would otherwise be silently closed up)."""
     positions = np.array([g["ImagePositionPatient"] for _, _, g in slices])
     order = np.argsort(positions @ normal)
     positions = positions[order]
@@ -200,9 +227,12 @@ def _assemble(slices, where: str, max_voxels) -> DicomSeries:
     if np.ptp(steps) > 0.01 * steps.mean() + 1e-3:
         raise InputError(f"DICOM series {where}: slice spacing varies ({steps.min():.3f}-{steps.max():.3f} mm); "
                          "a slice is missing (an incomplete series?) or the series needs resampling to uniform spacing")
+    return order, positions
 
-    row_spacing, col_spacing = (float(v) for v in first["PixelSpacing"])  # between rows, between columns
-    volume = np.empty((shape2d[1], shape2d[0], len(slices)), dtype=np.float32)  # (columns, rows, slices)
+
+def _volume_and_headers(slices, order, shape2d) -> tuple[np.ndarray, list]:
+    """The HU volume (columns, rows, slices) in `order`, and each slice's header without its pixel data."""
+    volume = np.empty((shape2d[1], shape2d[0], len(slices)), dtype=np.float32)
     headers = []
     for k, idx in enumerate(order):
         path, ds, g = slices[idx]
@@ -210,15 +240,16 @@ def _assemble(slices, where: str, max_voxels) -> DicomSeries:
             + float(g["RescaleIntercept"][0])
         volume[:, :, k] = pixels.T
         headers.append(_header_only(ds))     # a SEG needs the headers; the voxels are in `volume`
+    return volume, headers
 
+
+def _ras_affine(orient: np.ndarray, pixel_spacing: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The RAS affine of voxel (column i, row j, slice k) from the orientation, spacing and sorted positions."""
+    row_dir, col_dir = orient[:3], orient[3:]
+    row_spacing, col_spacing = (float(v) for v in pixel_spacing)  # between rows, between columns
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing        # i: along a row, column index increases
     lps[:3, 1] = col_dir * row_spacing        # j: down a column, row index increases
-    lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
     lps[:3, 3] = positions[0]
-    affine = LPS_TO_RAS @ lps
-    image = nib.Nifti1Image(volume, affine)
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    return DicomSeries(image=image, datasets=headers, where=where)
+    return LPS_TO_RAS @ lps

@@ -127,44 +127,69 @@ def montage(hu: np.ndarray, mask: np.ndarray, affine, window=None, n_slices: int
 
     ornt = slice_geometry(affine, axial_axis).ornt
     canon = to_canonical(np.asarray(hu, dtype=np.float32), affine, ornt=ornt)
-    image = canon.data
     labels = to_canonical(np.asarray(mask), affine, ornt=ornt).data
     ref = to_canonical(np.asarray(reference), affine, ornt=ornt).data if reference is not None else None
+    class_names, n_classes, lesion_labels = _classes(labels, ref, class_names)
+    picks = choose_slices(labels if ref is None else np.maximum(labels, ref), lesion_labels, n_slices)
+    box = body_box(canon.data)
+    size = _tile_size(box, canon.spacing, tile_px)
+    layers = [labels] if ref is None else [labels, ref]
+    tiles = [_tile(canon, layers, box, k, size, display_window, lesion_labels, n_classes, ornt) for k in picks]
+
+    sheet, positions = _arrange(tiles, len(layers))
+    pil = Image.fromarray(np.clip(sheet, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    small, big = _font(12), _font(14)
+    _label_tiles(draw, tiles, positions, size, len(layers), small)
+    _orientation_letters(draw, positions[0], size, big)
+    _legend(draw, class_names, lesion_labels, window, display_window, sheet.shape[1], small, big)
+    return np.asarray(pil)
+
+
+def _classes(labels: np.ndarray, ref: np.ndarray | None, class_names):
+    """(class names, number of classes, lesion labels): names default to "label N" for every label present."""
     n_classes = int(max(labels.max(initial=0), ref.max(initial=0) if ref is not None else 0)) + 1
     if class_names is None:
         class_names = ["background"] + [f"label {i}" for i in range(1, n_classes)]
     n_classes = max(n_classes, len(class_names))
     lesion_labels = {i for i, n in enumerate(class_names) if i > 0 and any(w in n.lower() for w in LESION_WORDS)}
-    union = labels if ref is None else np.maximum(labels, ref)
-    picks = choose_slices(union, lesion_labels, n_slices)
+    return class_names, n_classes, lesion_labels
 
-    bx, by = body_box(image)
-    sx, sy = (float(v) for v in canon.spacing[:2])
+
+def _tile_size(box: tuple[slice, slice], spacing, tile_px: int) -> tuple[int, int]:
+    """(width, height) of one panel: the body box at its physical aspect, `tile_px` on the longer side."""
+    bx, by = box
+    sx, sy = (float(v) for v in spacing[:2])
     width_mm, height_mm = (bx.stop - bx.start) * sx, (by.stop - by.start) * sy
     scale = tile_px / max(width_mm, height_mm)
-    tw, th = max(8, round(width_mm * scale)), max(8, round(height_mm * scale))
+    return max(8, round(width_mm * scale)), max(8, round(height_mm * scale))
 
-    # the input's own slice index and the world z of each canonical slice
+
+def _input_slice_index(ornt, n_slices: int, k: int) -> int:
+    """The input's own index along its axial axis of canonical slice k."""
     axial_in = int(np.flatnonzero(np.asarray(ornt)[:, 0] == 2)[0])
     flipped = np.asarray(ornt)[axial_in, 1] < 0
-    nz = image.shape[2]
-    centre = [(bx.start + bx.stop - 1) / 2, (by.start + by.stop - 1) / 2]
+    return int(n_slices - 1 - k if flipped else k)
 
+
+def _tile(canon, layers, box, k, size, display_window, lesion_labels, n_classes, ornt):
+    """(pixels, input slice index, z mm) of canonical slice k: one panel per label volume in `layers`,
+    side by side."""
+    bx, by = box
     lo, hi = display_window
-    panels = 2 if ref is not None else 1
-    tiles = []
-    for k in picks:
-        grey = np.clip((image[bx, by, k] - lo) / (hi - lo), 0, 1) * 255.0
-        grey = _resize(_display(grey), (tw, th), nearest=False)
-        row = []
-        for lab_vol in ([labels, ref] if ref is not None else [labels]):
-            lab = _resize(_display(lab_vol[bx, by, k]), (tw, th), nearest=True)
-            row.append(_render(grey, lab, lesion_labels, n_classes))
-        tile = np.concatenate([np.pad(p, ((0, 0), (0, GAP), (0, 0))) for p in row], axis=1)[:, :-GAP] \
-            if panels > 1 else row[0]
-        z_mm = float((canon.affine @ [*centre, float(k), 1.0])[2])
-        tiles.append((tile, int(nz - 1 - k if flipped else k), z_mm))
+    grey = np.clip((canon.data[bx, by, k] - lo) / (hi - lo), 0, 1) * 255.0
+    grey = _resize(_display(grey), size, nearest=False)
+    panels = [_render(grey, _resize(_display(lab_vol[bx, by, k]), size, nearest=True), lesion_labels, n_classes)
+              for lab_vol in layers]
+    pixels = np.concatenate([np.pad(p, ((0, 0), (0, GAP), (0, 0))) for p in panels], axis=1)[:, :-GAP] \
+        if len(panels) > 1 else panels[0]
+    centre = [(bx.start + bx.stop - 1) / 2, (by.start + by.stop - 1) / 2]
+    z_mm = float((canon.affine @ [*centre, float(k), 1.0])[2])
+    return pixels, _input_slice_index(ornt, canon.data.shape[2], k), z_mm
 
+
+def _arrange(tiles, panels: int):
+    """The tiles in rows below the legend strip: (sheet float RGB, (x0, y0) of each tile)."""
     cols = max(1, min(4 // panels, len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     tile_w, tile_h = tiles[0][0].shape[1], tiles[0][0].shape[0]
@@ -176,18 +201,29 @@ def montage(hu: np.ndarray, mask: np.ndarray, affine, window=None, n_slices: int
         y0, x0 = LEGEND_H + r * (tile_h + 2 * GAP), c * (tile_w + 2 * GAP)
         sheet[y0:y0 + tile_h, x0:x0 + tile_w] = tile
         positions.append((x0, y0))
-    pil = Image.fromarray(np.clip(sheet, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    small, big = _font(12), _font(14)
-    for (tile, index, z_mm), (x0, y0) in zip(tiles, positions):
-        _text(draw, (x0 + 4, y0 + 3), f"slice {index}  z {z_mm:.1f} mm", small)
+    return sheet, positions
+
+
+def _label_tiles(draw, tiles, positions, size, panels: int, font) -> None:
+    """Each tile's slice index and z; "prediction" and "reference" under its panels when there are two."""
+    tw, th = size
+    for (_, index, z_mm), (x0, y0) in zip(tiles, positions):
+        _text(draw, (x0 + 4, y0 + 3), f"slice {index}  z {z_mm:.1f} mm", font)
         if panels > 1:
-            _text(draw, (x0 + 4, y0 + tile_h - 16), "prediction", small)
-            _text(draw, (x0 + tw + GAP + 4, y0 + tile_h - 16), "reference", small)
-    x0, y0 = positions[0]
+            _text(draw, (x0 + 4, y0 + th - 16), "prediction", font)
+            _text(draw, (x0 + tw + GAP + 4, y0 + th - 16), "reference", font)
+
+
+def _orientation_letters(draw, position, size, font) -> None:
+    """A, P, R, L at the edges of the first tile's (prediction) panel."""
+    (x0, y0), (tw, th) = position, size
     for letter, (x, y) in {"A": (x0 + tw // 2 - 4, y0 + 18), "P": (x0 + tw // 2 - 4, y0 + th - 18),
                            "R": (x0 + 4, y0 + th // 2 - 7), "L": (x0 + tw - 12, y0 + th // 2 - 7)}.items():
-        _text(draw, (x, y), letter, big, fill=(255, 255, 0))
+        _text(draw, (x, y), letter, font, fill=(255, 255, 0))
+
+
+def _legend(draw, class_names, lesion_labels, window, display_window, sheet_w: int, small, big) -> None:
+    """The legend strip: a swatch and name per class, then the windows, right-aligned when there is room."""
     x = 6
     for label in range(1, len(class_names)):
         colour = tuple(int(v) for v in COLOURS[(label - 1) % len(COLOURS)])
@@ -196,11 +232,11 @@ def montage(hu: np.ndarray, mask: np.ndarray, affine, window=None, n_slices: int
         name = class_names[label] + (" (outlined)" if label in lesion_labels else "")
         draw.text((x + 17, 6), name, font=big, fill=(255, 255, 255))
         x += 17 + int(draw.textlength(name, font=big)) + 14
+    lo, hi = display_window
     note = f"display {lo:.0f}..{hi:.0f} HU" + (f"; model window {window[0]:.0f}..{window[1]:.0f} HU" if window else "")
     note += "; left: patient's right"
     draw.text((max(x, sheet_w - int(draw.textlength(note, font=small)) - 6), 9), note, font=small,
               fill=(200, 200, 200))
-    return np.asarray(pil)
 
 
 def _text(draw, xy, text, font, fill=(255, 255, 255)):
