@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-EXTRAS ?= train,export,dev,dicom,tensorrt-rtx
+EXTRAS ?= train,export,dev,dicom,tensorrt-rtx,batch
 DEMO_DIR ?= work/demo
 
 .PHONY: venv demo test clean

@@ -74,6 +74,17 @@ from .timing import format_timings
                    "num-parts-th input from part-id on), for scheduler arrays without a shared queue.")
 @click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which part of --num-parts this process segments (0-based).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Segment the inputs on Ray (needs the batch extra): a local instance for this job with --ray alone, "
+                   "or the cluster at ADDRESS ('auto': the one this machine belongs to). One Segmenter per actor; "
+                   "inputs whose masks exist are skipped (rerun to resume); -o is a folder; --report a .csv/.parquet "
+                   "table (default OUTPUT/report.csv).")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="Actors (Segmenters) in the pool (default: as many as the cluster's CPUs or GPUs allow).")
+@click.option("--ray-cpus-per-actor", "ray_cpus", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="CPU slots per actor (also its onnxruntime threads).")
+@click.option("--ray-gpus-per-actor", "ray_gpus", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="GPUs per actor (1 for one GPU each).")
 @click.option("--no-pipeline", is_flag=True,
               help="Segment the inputs strictly one after the other (by default the next input is read and the "
                    "previous result written while one is inferred).")
@@ -84,10 +95,12 @@ from .timing import format_timings
 @version_option
 def segment(bundle, inputs, output, output_type, statistics, backend, precision, device, batch_size, threads,
             no_largest_component, preview, reference, report, dicomweb, study, series_uids, dicomweb_timeout,
-            trusted_keys, allow_implausible, axial_axis, max_voxels, num_parts, part_id, no_pipeline, quiet, verbose):
+            trusted_keys, allow_implausible, axial_axis, max_voxels, num_parts, part_id, ray_address, ray_actors, ray_cpus,
+            ray_gpus, no_pipeline, quiet, verbose):
     """Segment CT volumes with the model BUNDLE and write uint8 masks (or DICOM SEG) with each input's geometry.
 
-    INPUT is a NIfTI file (.nii, .nii.gz), a folder of NIfTI files, or a DICOM series folder.
+    INPUT is a NIfTI file (.nii, .nii.gz), a folder of NIfTI files, a DICOM series folder, a quoted
+    glob ('scans/*.nii.gz') or a CSV list of inputs (an 'input' column, or the first).
     Volumes that are not plausible CT in Hounsfield units are refused (see --allow-implausible);
     warnings (oblique, spacing far from the training spacing) are printed with each volume. Inputs
     that fail are reported and skipped; the exit status is 1 when any input failed.
@@ -95,11 +108,46 @@ def segment(bundle, inputs, output, output_type, statistics, backend, precision,
     \b
     A PACS round trip instead of files:
       regionkd-segment liver.bundle --dicomweb http://pacs:8042/dicom-web --study 1.2.840...
+    An archive on Ray (resumable: rerun the same command after a crash):
+      regionkd-segment liver.bundle archive.csv -o masks/ --ray auto --statistics
     """
-    from .report import RunReport
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    # every option is checked before the bundle is loaded or anything is read
+    _check_options(inputs, output, dicomweb, study, series_uids, preview, reference, num_parts, part_id, ray_address,
+                   output_type, report)
+    segmenter_options = dict(backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+                             largest_component=not no_largest_component, trusted_keys=list(trusted_keys),
+                             allow_implausible=allow_implausible, axial_axis=axial_axis, max_voxels=max_voxels,
+                             device=device)
+    if ray_address is not None:
+        return _segment_on_ray(bundle, inputs, output, report, ray_address, ray_actors, ray_cpus, ray_gpus, statistics,
+                               segmenter_options, num_parts, part_id, quiet)
+    from .report import RunReport
+    from .segmenter import Segmenter
+
+    run_report = RunReport(report, bundle=bundle, backend=backend, precision=precision, output_type=output_type)
+    with Segmenter(bundle, **segmenter_options) as segmenter:
+        run_report.backend = segmenter.backend.name
+        if not quiet:
+            click.echo(f"model {segmenter.backend.model_path.name} ({segmenter.model_size_bytes / 1e6:.2f} MB) "
+                       f"on {segmenter.backend.name}, {precision}; bundle {segmenter.bundle_signature}", err=True)
+        if dicomweb is not None:
+            failed, total = _segment_pacs(segmenter, dicomweb, study, series_uids, output, output_type, statistics,
+                                          dicomweb_timeout, quiet, run_report)
+            warned = sum(bool(r.get("warnings")) for r in run_report.records)
+        else:
+            failed, warned, total = _segment_files(segmenter, inputs, output, quiet, run_report, dict(
+                output_type=output_type, statistics=statistics, preview=preview, reference=reference,
+                pipelined=not no_pipeline, num_parts=num_parts, part_id=part_id))
+    run_report.write()
+    if not quiet or failed:
+        extra = (f", {failed} failed" if failed else "") + (f", {warned} with warnings" if warned else "")
+        click.echo(f"{total - failed} of {total} volumes segmented{extra}", err=True)
+    return 1 if failed else 0
+
+
+def _check_options(inputs, output, dicomweb, study, series_uids, preview, reference, num_parts, part_id,
+                   ray_address, output_type, report) -> None:
+    """Every option checked before the bundle is loaded or anything is read."""
     if dicomweb is None and (study or series_uids):
         raise click.UsageError("--study and --series go with --dicomweb URL")
     if dicomweb is not None:
@@ -121,29 +169,30 @@ def segment(bundle, inputs, output, output_type, statistics, backend, precision,
         raise click.UsageError("--num-parts splits INPUT files; a --dicomweb study is segmented whole")
     if reference is not None and preview is None:
         raise click.UsageError("--reference is drawn in the --preview; give --preview PNG too")
-    run_report = RunReport(report, bundle=bundle, backend=backend, precision=precision, output_type=output_type)
-    from .segmenter import Segmenter
+    if ray_address is not None:
+        if dicomweb is not None or preview is not None or output_type != "nifti":
+            raise click.UsageError("--ray segments INPUT files into NIfTI masks; it does not take --dicomweb, "
+                                   "--preview or --output-type dicom-seg/both")
+        if report is not None and not str(report).endswith((".csv", ".parquet")):
+            raise click.UsageError("with --ray, --report names the per-input table: a .csv or .parquet file")
 
-    with Segmenter(bundle, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
-                   largest_component=not no_largest_component, trusted_keys=list(trusted_keys),
-                   allow_implausible=allow_implausible, axial_axis=axial_axis, max_voxels=max_voxels,
-                   device=device) as segmenter:
-        run_report.backend = segmenter.backend.name
-        if not quiet:
-            click.echo(f"model {segmenter.backend.model_path.name} ({segmenter.model_size_bytes / 1e6:.2f} MB) "
-                       f"on {segmenter.backend.name}, {precision}; bundle {segmenter.bundle_signature}", err=True)
-        if dicomweb is not None:
-            failed, total = _segment_pacs(segmenter, dicomweb, study, series_uids, output, output_type, statistics,
-                                          dicomweb_timeout, quiet, run_report)
-            warned = sum(bool(r.get("warnings")) for r in run_report.records)
-        else:
-            failed, warned, total = _segment_files(segmenter, inputs, output, quiet, run_report, dict(
-                output_type=output_type, statistics=statistics, preview=preview, reference=reference,
-                pipelined=not no_pipeline, num_parts=num_parts, part_id=part_id))
-    run_report.write()
+
+def _segment_on_ray(bundle, inputs, output, report, address, actors, cpus, gpus, statistics, segmenter_options,
+                    num_parts, part_id, quiet) -> int:
+    from .archive import segment_archive
+
+    rows = segment_archive(bundle, inputs, output, report=report, address=address, actors=actors,
+                           cpus_per_actor=cpus, gpus_per_actor=gpus, statistics=statistics,
+                           segmenter_options={k: v for k, v in segmenter_options.items() if k != "threads"},
+                           num_parts=num_parts, part_id=part_id)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        click.echo(f"error: {r['error']}", err=True)
     if not quiet or failed:
-        extra = (f", {failed} failed" if failed else "") + (f", {warned} with warnings" if warned else "")
-        click.echo(f"{total - failed} of {total} volumes segmented{extra}", err=True)
+        done = sum(r["status"] == "done before" for r in rows)
+        click.echo(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented on Ray"
+                   + (f" ({done} done by an earlier run)" if done else "") + (f", {len(failed)} failed" if failed else "")
+                   + f"; report {report or Path(output) / 'report.csv'}", err=True)
     return 1 if failed else 0
 
 
