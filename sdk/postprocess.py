@@ -55,6 +55,15 @@ def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
     return slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1), slice(z[0], z[-1] + 1)
 
 
+def _any_of(values: np.ndarray, wanted) -> np.ndarray:
+    """values ∈ wanted for a handful of wanted values: one comparison each (np.isin took ten times
+    as long on a 26 M-voxel volume, a lookup table twenty)."""
+    out = np.zeros(values.shape, dtype=bool)
+    for v in wanted:
+        out |= values == v
+    return out
+
+
 def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int, labeller: str = "cc3d") -> np.ndarray:
     """A copy of `labels` (uint8, 3D) with each organ label's largest component(s) kept (see
     module doc). `organ_labels`: {label: count}, or a list of labels (count 1)."""
@@ -69,7 +78,7 @@ def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int, 
     # the work is done inside the foreground's bounding box only, on a C-ordered copy of it
     # (labelling is about twice as fast on C order as on a transposed view)
     region = np.ascontiguousarray(out[box])
-    lesion = np.isin(region, [k for k in range(1, num_classes) if k not in organ_labels])
+    lesion = _any_of(region, [k for k in range(1, num_classes) if k not in organ_labels])
     kept_region = np.zeros(region.shape, dtype=bool)
     for organ in organ_labels:
         organ_mask = region == organ
@@ -80,7 +89,7 @@ def keep_largest_components(labels: np.ndarray, organ_labels, num_classes: int, 
         organ_counts[0] = 0
         ranked = np.argsort(organ_counts)[::-1][:counts[organ]]
         ranked = [int(c) for c in ranked if organ_counts[c] >= MIN_COMPONENT_SHARE * organ_counts[ranked[0]]]
-        keep = np.isin(components, ranked)
+        keep = _any_of(components, ranked)
         region[organ_mask & ~keep] = 0
         kept_region |= keep
     region[lesion & ~kept_region] = 0
