@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from ..bundle import PRECISIONS, Bundle, load_bundle
+from ..bundle import Bundle, load_bundle
+from ..bundle_files import PRECISIONS
 from ..errors import BackendError, RegionKDError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
