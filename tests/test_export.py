@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,29 @@ def test_int8_file_at_most_30_percent_of_fp32_for_a_real_sized_model(tmp_path):
     quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", "tensorrt", tmp_path / "cal.json", phantom_slices())
     fp32, int8 = (tmp_path / "fp32.onnx").stat().st_size, (tmp_path / "int8.onnx").stat().st_size
     assert int8 <= 0.30 * fp32, (int8, fp32)
+
+
+def test_quantization_keeps_only_the_quantizer_quiet(tiny, tmp_path, caplog):
+    """The quantizer's advice (logged partly on the root logger) is dropped while it runs; the root
+    logger's level, handlers and filters are as before, and every other record still gets through."""
+    import logging
+
+    import onnxruntime.quantization
+
+    from regionkd.export.precision import quiet_quantizer
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), list(root.filters), logging.getLogger("onnxruntime.quantization").level)
+    quantize_int8(tiny.fp32, tmp_path / "q.onnx", "tensorrt", tmp_path / "cal.json", tiny.images)
+    assert (root.level, list(root.handlers), list(root.filters),
+            logging.getLogger("onnxruntime.quantization").level) == before
+    quantizer_file = str(Path(onnxruntime.quantization.__file__).parent / "quant_utils.py")
+    with caplog.at_level(logging.WARNING), quiet_quantizer():
+        logging.getLogger("regionkd.export.pipeline").warning("ours")
+        logging.warning("the root's own")
+        root.handle(logging.LogRecord("root", logging.WARNING, quantizer_file, 1, "advice", None, None))
+        root.handle(logging.LogRecord("root", logging.ERROR, quantizer_file, 1, "failure", None, None))
+    assert [r.getMessage() for r in caplog.records] == ["ours", "the root's own", "failure"]
 
 
 def test_calibration_refuses_missing_slices(tiny, tmp_path):
