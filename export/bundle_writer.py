@@ -52,23 +52,37 @@ def model_section(ckpt: dict, params: int, name: str | None = None, gflops_per_s
     return section
 
 
+def organ_components(ckpt: dict) -> dict[int, int]:
+    """{organ label: connected components the runtime keeps} of the checkpoint's task (two for the
+    kidneys), or, for a checkpoint of no known task, what the SDK would guess from the class names
+    (`regionkd.sdk.segmenter.default_organ_labels`): worked out once here and written, so no runtime
+    has to guess."""
+    from regionkd.train.data.tasks import TASKS
+
+    if ckpt.get("task") in TASKS:
+        from regionkd.train.torch_backend import organ_components_of
+
+        return organ_components_of(ckpt["task"])
+    from regionkd.sdk.segmenter import default_organ_labels
+
+    return default_organ_labels(ckpt["class_names"])
+
+
 def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
     """The checkpoint's preprocessing, with the contract's defaults filled in, and the organ
     labels whose largest component(s) the runtime keeps: `largest_component_labels` as given, or
-    from the checkpoint's task (with `largest_component_counts` for an organ of two, the kidneys)."""
+    `organ_components(ckpt)` with `largest_component_counts` for an organ of two (the kidneys)."""
     pre = dict(ckpt["preprocessing"])
     out = {"window": [float(v) for v in pre["window"]], "input_size": [int(v) for v in pre["input_size"]],
            "orientation": pre.get("orientation", "RAS"), "slice_axis": pre.get("slice_axis", "axial"),
            "normalisation": pre.get("normalisation", {"type": "window-linear", "range": [-1, 1]})}
-    if largest_component_labels is None and ckpt.get("task"):
-        from regionkd.train.torch_backend import organ_components_of
-
-        organs = organ_components_of(ckpt["task"])
+    if largest_component_labels is None:
+        organs = organ_components(ckpt)
         out["largest_component_labels"] = sorted(organs)
-        counts = {str(k): n for k, n in organs.items() if n != 1}
+        counts = {str(k): n for k, n in sorted(organs.items()) if n != 1}
         if counts:
             out["largest_component_counts"] = counts
-    elif largest_component_labels is not None:
+    else:
         out["largest_component_labels"] = list(largest_component_labels)
     if pre.get("spacing"):   # the training data's voxel sizes: the SDK warns when an input is far from them
         out["spacing"] = {k: [float(v) for v in pre["spacing"][k]] for k in ("in_plane_mm", "slice_thickness_mm")

@@ -371,6 +371,12 @@ def test_bundle_preprocessing_names_the_organ_components_of_the_task():
     liver = preprocessing_section({"task": "liver", "preprocessing": pre})
     assert liver["largest_component_labels"] == [1] and "largest_component_counts" not in liver
     assert preprocessing_section({"task": "kidney", "preprocessing": pre}, [])["largest_component_labels"] == []
+    # a checkpoint of no known task: worked out from the class names once, at export, and written
+    guessed = preprocessing_section({"class_names": ["background", "kidney", "tumour"], "preprocessing": pre})
+    assert guessed["largest_component_labels"] == [1] and guessed["largest_component_counts"] == {"1": 2}
+    other = preprocessing_section({"task": "spleen", "class_names": ["background", "spleen", "lesion"],
+                                   "preprocessing": pre})
+    assert other["largest_component_labels"] == [1] and "largest_component_counts" not in other
 
 
 def test_a_killed_export_leaves_a_temporary_bundle_the_next_export_removes(tmp_path):

@@ -161,6 +161,20 @@ def test_tensorrt_rtx_engines_built_for_every_precision(exported):
         assert e["bytes"] > 0 and e["max_batch"] == 4
 
 
+def test_a_fresh_bundle_names_the_organ_components_of_its_task(checkpoint, tmp_path):
+    """The manifest tells the runtime which organ labels keep only their largest component(s) and how
+    many (two kidneys), from the checkpoint's task, so no runtime has to guess from class names."""
+    from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.update(task="kidney", class_names=["background", "kidney", "tumour"])
+    path = tmp_path / "kidney.pt"
+    save_checkpoint(path, ckpt)
+    main([str(path), "--out", str(tmp_path / "kidney.bundle"), "--precision", "fp32", "--engine", "never", "--quiet"])
+    prep = load_bundle(tmp_path / "kidney.bundle").preprocessing
+    assert prep["largest_component_labels"] == [1] and prep["largest_component_counts"] == {"1": 2}
+
+
 def test_interrupted_export_leaves_no_half_bundle(data, checkpoint, tmp_path):
     out = tmp_path / "bundle"
 
