@@ -21,6 +21,7 @@ from .ct_slices import iter_cases, open_cases, stratified_slices
 from .onnx_export import compare_logits, export_onnx, ort_session, run_onnx, run_torch
 from .precision import (check_dice_drop, convert_fp16, cpu_latency_ms, qdq_summary,
                         quantize_int8)
+from .validation import VALIDATION_METHOD
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_MODES = ("auto", "never", "require")
@@ -217,8 +218,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
 
         if opts.val is not None:
             step("validate (Dice)")
-            sessions = {key: ort_session(root / name, opts.threads) for key, name in onnx_paths.items()}
-            dice = _evaluate(sessions, opts.val, window, input_size, class_names)
+            dice = _evaluate(root, onnx_paths, opts, bw.preprocessing_section(ckpt), class_names)
             for key in onnx_paths:
                 metrics[key]["dice"] = dice[key]
             for key in onnx_paths:
@@ -227,8 +227,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
                              "int8-cpu": "int8 CPU flavour (model.int8-cpu.onnx)"}[key]
                     check_dice_drop(dice["fp32"], dice[key], opts.max_dice_drop, label)
             extra["validation"] = {"data": bw.base_name(Path(opts.val).resolve()), "max_dice_drop": opts.max_dice_drop,
-                                   "dice": "global per class over all validation volumes, onnxruntime CPU, "
-                                           "argmax after resizing logits to the slice size"}
+                                   "dice": VALIDATION_METHOD}
         else:
             log("no --val: Dice not measured, --max-dice-drop not enforced")
 
@@ -268,10 +267,15 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progr
                         skipped_engines=skipped_engines, signed_by=signed_by)
 
 
-def _evaluate(sessions, val_root, window, input_size, class_names):
+def _evaluate(root, onnx_paths, opts, preprocessing, class_names):
+    """Dice of every ONNX file written, on the masks the runtime's Segmenter gives (see validation.py)."""
+    from regionkd.sdk.bundle_files import file_kind
+
     from .validation import evaluate_dice
 
-    return evaluate_dice(sessions, iter_cases(val_root), window, input_size, class_names)
+    models = {key: (root / name, file_kind(key).precision) for key, name in onnx_paths.items()}
+    return evaluate_dice(models, iter_cases(opts.val), preprocessing, class_names, threads=opts.threads,
+                         batch_size=opts.max_batch)
 
 
 def _by_precision(metrics: dict) -> dict:

@@ -308,6 +308,36 @@ def test_dice_accumulator_hand_computed():
     assert DiceAccumulator(3).dice(["bg", "liver", "tumour"]) == {"liver": None, "tumour": None}
 
 
+def test_validation_dice_is_the_dice_of_the_masks_the_segmenter_gives(exact_bundle):
+    """The export's Dice goes through the runtime's Segmenter, on the image in its file's own voxel
+    order (here flipped left-right, so canonical and file order differ): the hand-built threshold
+    model over a phantom whose stray liver-density blob only the largest-component step removes
+    gives a perfect Dice with that step and a lower liver Dice without it."""
+    from conftest import EXACT_SHAPE, TINY_CLASSES, expected_labels_from_hu, make_phantom
+
+    from regionkd.export.validation import evaluate_dice
+    from regionkd.sdk.bundle import load_bundle
+    from regionkd.sdk.orientation import to_canonical
+
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=True)
+    truth = expected_labels_from_hu(make_phantom(shape=EXACT_SHAPE, with_distractor=False)[0])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = EXACT_SHAPE[0] - 1
+    file_affine = affine @ flip                          # the file stores x from right to left
+    volume = to_canonical(hu[::-1].copy(), file_affine)
+    case = types.SimpleNamespace(case_id="flipped", volume=volume,
+                                 label=to_canonical(truth[::-1].copy(), file_affine).data)
+    assert np.array_equal(volume.data, hu)               # canonical order is not the file's
+    prep = load_bundle(exact_bundle).preprocessing
+    models = {"fp32": (exact_bundle / "model.fp32.onnx", "fp32")}
+    dice = evaluate_dice(models, [case], prep, TINY_CLASSES)["fp32"]
+    assert dice == {"liver": 1.0, "tumour": 1.0}
+    raw = evaluate_dice(models, [case], {**prep, "largest_component_labels": []}, TINY_CLASSES)["fp32"]
+    assert raw["tumour"] == 1.0 and raw["liver"] < 1.0
+    with pytest.raises(ValueError, match="no validation cases"):
+        evaluate_dice(models, [], prep, TINY_CLASSES)
+
+
 class _FakeCase:
     def __init__(self, case_id, hu, label):
         self.case_id, self.label = case_id, label
