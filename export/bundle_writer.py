@@ -1,4 +1,4 @@
-"""Assemble a model bundle (docs/ARCHITECTURE.md, format_version 1).
+"""Assemble a model bundle (format_version 1, described in docs/ARCHITECTURE.md).
 
 Everything is written into a temporary sibling directory that is renamed into place only when
 the whole export succeeded (`regionkd.sdk.atomic.atomic_directory`): an interrupted or refused
@@ -15,20 +15,8 @@ from typing import Iterator
 
 from regionkd.sdk.atomic import atomic_directory
 from regionkd.sdk.bundle import FORMAT_VERSION, file_entry, sha256_file, write_manifest
+from regionkd.sdk.bundle_files import FileKind
 from regionkd.sdk.errors import BundleError
-
-#: manifest fields of each ONNX file the export can write, by bundle-relative name
-ONNX_FILES = {
-    "model.fp32.onnx": {"format": "onnx", "precision": "fp32", "flavour": "reference",
-                        "backends": ["onnxruntime", "tensorrt"]},
-    "model.fp16.onnx": {"format": "onnx", "precision": "fp16", "flavour": "reference",
-                        "backends": ["onnxruntime", "tensorrt"]},
-    "model.int8.onnx": {"format": "onnx", "precision": "int8", "flavour": "tensorrt",
-                        "backends": ["tensorrt"]},
-    "model.int8-cpu.onnx": {"format": "onnx", "precision": "int8", "flavour": "cpu",
-                            "backends": ["onnxruntime"]},
-}
-ENGINE_DIR = "engines"
 
 
 @contextlib.contextmanager
@@ -138,22 +126,12 @@ def metadata_section(**fields) -> dict:
     return out
 
 
-def onnx_entry(root, name: str, **extra) -> dict:
-    """Manifest entry of one of the ONNX files in ONNX_FILES (checksummed now)."""
-    if name not in ONNX_FILES:
-        raise BundleError(f"unknown bundle model file {name!r}")
-    fields = dict(ONNX_FILES[name])
-    fields.update(extra)
-    return file_entry(Path(root) / name, root, **fields)
-
-
-def engine_entry(root, engine_path, *, backend: str, precision: str, source: str, trt_version: str,
-                 compute_capability, max_batch: int) -> dict:
-    """Manifest entry of a TensorRT / TensorRT-RTX engine under engines/."""
-    fmt = "tensorrt-rtx-engine" if backend == "tensorrt-rtx" else "tensorrt-engine"
-    return file_entry(engine_path, root, format=fmt, precision=precision, backends=[backend],
-                      trt_version=str(trt_version), compute_capability=compute_capability,
-                      max_batch=int(max_batch), source=source)
+def onnx_entry(root, kind: FileKind, **extra) -> dict:
+    """Manifest entry of the ONNX file of `kind` (a row of regionkd.sdk.bundle_files), checksummed now;
+    `extra` adds or overrides fields."""
+    if kind.format != "onnx":
+        raise BundleError(f"{kind.key} is not an ONNX kind of bundle file")
+    return file_entry(Path(root) / kind.path(), root, **{**kind.manifest_fields(), **extra})
 
 
 def write_bundle_manifest(root, *, model: dict, preprocessing: dict, files: list, metrics: dict,

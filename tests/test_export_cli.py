@@ -178,15 +178,29 @@ def test_a_fresh_bundle_names_the_organ_components_of_its_task(checkpoint, tmp_p
 def test_interrupted_export_leaves_no_half_bundle(data, checkpoint, tmp_path):
     out = tmp_path / "bundle"
 
-    def stop_at_quantization(step):
+    def stop_at_quantization(step, done, total):
         if step.startswith("quantize int8"):
             raise KeyboardInterrupt
 
     opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=("fp32", "fp16", "int8"), calib=data[0],
                          calib_slices=8, engine="never")
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(opts, log=lambda m: None, progress=stop_at_quantization)
+        export_bundle(opts, progress=stop_at_quantization)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_counts_the_steps_the_options_want(data, checkpoint, tmp_path):
+    """The progress callback sees each step of export_steps(opts) start, in order, out of their count."""
+    from regionkd.export.pipeline import export_steps
+
+    calls = []
+    opts = ExportOptions(checkpoint=checkpoint, out=tmp_path / "b", precisions=("fp32",), val=data[1], engine="never")
+    names = [step.name for step in export_steps(opts)]
+    assert names == ["load checkpoint", "read CT slices", "export fp32 ONNX", "measure CPU latency",
+                     "validate (Dice)", "write manifest"]
+    export_bundle(opts, progress=lambda *call: calls.append(call))
+    total = len(names)
+    assert calls == [(name, i, total) for i, name in enumerate(names)] + [("done", total, total)]
 
 
 def test_int8_without_calibration_data_is_refused(checkpoint, data, tmp_path, capsys):
