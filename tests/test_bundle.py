@@ -150,7 +150,7 @@ def test_file_entry_with_a_relative_bundle_directory(tmp_path, monkeypatch):
     assert entry["path"] == "model.fp32.onnx" and entry["bytes"] == 4
 
 
-# ---------------------------------------------------------------- issue 12: the whole schema, before any load
+# ---------------------------------------------------------------- the whole schema, before any load
 
 def _set(section, key, value):
     return lambda m: m[section].__setitem__(key, value)

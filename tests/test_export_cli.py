@@ -259,7 +259,7 @@ def test_export_signs_with_sign_key_and_records_the_training_spacing(data, check
     assert code == 1 and "not a PEM private key" in err and not (tmp_path / "never.bundle").exists()
 
 
-# ---------------------------------------------------------------- issue 13: defaults that work, metadata, names only
+# ---------------------------------------------------------------- defaults that work, metadata, names only
 
 def test_the_defaults_work_without_any_data(checkpoint, tmp_path, capsys):
     """`regionkd-export CKPT --out DIR`: fp32 + fp16 (no int8 without --calib), parity on a synthetic CT."""
