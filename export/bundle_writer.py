@@ -1,4 +1,4 @@
-"""Assemble a model bundle (docs/ARCHITECTURE.md, format_version 1).
+"""Assemble a model bundle (format_version 1, described in docs/ARCHITECTURE.md).
 
 Everything is written into a temporary sibling directory that is renamed into place only when
 the whole export succeeded (`regionkd.sdk.atomic.atomic_directory`): an interrupted or refused
@@ -15,20 +15,8 @@ from typing import Iterator
 
 from regionkd.sdk.atomic import atomic_directory
 from regionkd.sdk.bundle import FORMAT_VERSION, file_entry, sha256_file, write_manifest
+from regionkd.sdk.bundle_files import FileKind
 from regionkd.sdk.errors import BundleError
-
-#: manifest fields of each ONNX file the export can write, by bundle-relative name
-ONNX_FILES = {
-    "model.fp32.onnx": {"format": "onnx", "precision": "fp32", "flavour": "reference",
-                        "backends": ["onnxruntime", "tensorrt"]},
-    "model.fp16.onnx": {"format": "onnx", "precision": "fp16", "flavour": "reference",
-                        "backends": ["onnxruntime", "tensorrt"]},
-    "model.int8.onnx": {"format": "onnx", "precision": "int8", "flavour": "tensorrt",
-                        "backends": ["tensorrt"]},
-    "model.int8-cpu.onnx": {"format": "onnx", "precision": "int8", "flavour": "cpu",
-                            "backends": ["onnxruntime"]},
-}
-ENGINE_DIR = "engines"
 
 
 @contextlib.contextmanager
@@ -52,23 +40,37 @@ def model_section(ckpt: dict, params: int, name: str | None = None, gflops_per_s
     return section
 
 
+def organ_components(ckpt: dict) -> dict[int, int]:
+    """{organ label: connected components the runtime keeps} of the checkpoint's task (two for the
+    kidneys), or, for a checkpoint of no known task, what the SDK would guess from the class names
+    (`regionkd.sdk.segmenter.default_organ_labels`): worked out once here and written, so no runtime
+    has to guess."""
+    from regionkd.train.data.tasks import TASKS
+
+    if ckpt.get("task") in TASKS:
+        from regionkd.train.torch_backend import organ_components_of
+
+        return organ_components_of(ckpt["task"])
+    from regionkd.sdk.segmenter import default_organ_labels
+
+    return default_organ_labels(ckpt["class_names"])
+
+
 def preprocessing_section(ckpt: dict, largest_component_labels=None) -> dict:
     """The checkpoint's preprocessing, with the contract's defaults filled in, and the organ
     labels whose largest component(s) the runtime keeps: `largest_component_labels` as given, or
-    from the checkpoint's task (with `largest_component_counts` for an organ of two, the kidneys)."""
+    `organ_components(ckpt)` with `largest_component_counts` for an organ of two (the kidneys)."""
     pre = dict(ckpt["preprocessing"])
     out = {"window": [float(v) for v in pre["window"]], "input_size": [int(v) for v in pre["input_size"]],
            "orientation": pre.get("orientation", "RAS"), "slice_axis": pre.get("slice_axis", "axial"),
            "normalisation": pre.get("normalisation", {"type": "window-linear", "range": [-1, 1]})}
-    if largest_component_labels is None and ckpt.get("task"):
-        from regionkd.train.torch_backend import organ_components_of
-
-        organs = organ_components_of(ckpt["task"])
+    if largest_component_labels is None:
+        organs = organ_components(ckpt)
         out["largest_component_labels"] = sorted(organs)
-        counts = {str(k): n for k, n in organs.items() if n != 1}
+        counts = {str(k): n for k, n in sorted(organs.items()) if n != 1}
         if counts:
             out["largest_component_counts"] = counts
-    elif largest_component_labels is not None:
+    else:
         out["largest_component_labels"] = list(largest_component_labels)
     if pre.get("spacing"):   # the training data's voxel sizes: the SDK warns when an input is far from them
         out["spacing"] = {k: [float(v) for v in pre["spacing"][k]] for k in ("in_plane_mm", "slice_thickness_mm")
@@ -124,22 +126,12 @@ def metadata_section(**fields) -> dict:
     return out
 
 
-def onnx_entry(root, name: str, **extra) -> dict:
-    """Manifest entry of one of the ONNX files in ONNX_FILES (checksummed now)."""
-    if name not in ONNX_FILES:
-        raise BundleError(f"unknown bundle model file {name!r}")
-    fields = dict(ONNX_FILES[name])
-    fields.update(extra)
-    return file_entry(Path(root) / name, root, **fields)
-
-
-def engine_entry(root, engine_path, *, backend: str, precision: str, source: str, trt_version: str,
-                 compute_capability, max_batch: int) -> dict:
-    """Manifest entry of a TensorRT / TensorRT-RTX engine under engines/."""
-    fmt = "tensorrt-rtx-engine" if backend == "tensorrt-rtx" else "tensorrt-engine"
-    return file_entry(engine_path, root, format=fmt, precision=precision, backends=[backend],
-                      trt_version=str(trt_version), compute_capability=compute_capability,
-                      max_batch=int(max_batch), source=source)
+def onnx_entry(root, kind: FileKind, **extra) -> dict:
+    """Manifest entry of the ONNX file of `kind` (a row of regionkd.sdk.bundle_files), checksummed now;
+    `extra` adds or overrides fields."""
+    if kind.format != "onnx":
+        raise BundleError(f"{kind.key} is not an ONNX kind of bundle file")
+    return file_entry(Path(root) / kind.path(), root, **{**kind.manifest_fields(), **extra})
 
 
 def write_bundle_manifest(root, *, model: dict, preprocessing: dict, files: list, metrics: dict,

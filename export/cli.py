@@ -1,14 +1,17 @@
-"""`regionkd-export`: one command from a checkpoint to a model bundle the SDK runs anywhere."""
+"""`regionkd-export`: one command from a checkpoint to a model bundle the SDK runs anywhere.
+
+The command only turns options into `ExportOptions` and draws what `export_bundle` reports
+(its steps as a progress bar, its log messages, the summary table); the work is the pipeline's."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 
-from regionkd.sdk.console import run_cli, version_option
+from regionkd.sdk.console import echo, progress_bar, run_cli, version_option
 
-from .pipeline import (ENGINE_MODES, ExportOptions, check_options, default_precisions, export_bundle,
-                       parse_precisions, planned_steps)
+from .pipeline import ENGINE_MODES, ExportOptions, default_precisions, export_bundle, parse_precisions
 
 
 def _mb(n: int) -> str:
@@ -87,8 +90,6 @@ def export_command(checkpoint, out, precision, calib, calib_slices, val, engine,
 
     With no data given, parity with PyTorch is measured on slices of a synthetic CT; give --val
     (Dice per precision and the --max-dice-drop gate) and --calib (INT8) for a bundle to ship."""
-    from tqdm import tqdm
-
     precisions = parse_precisions(precision) if precision is not None else default_precisions(calib)
     metadata = {"version": model_version, "description": description, "authors": authors, "copyright": copyright_,
                 "license": license_, "intended_use": intended_use, "references": list(references)}
@@ -96,29 +97,55 @@ def export_command(checkpoint, out, precision, calib, calib_slices, val, engine,
                          calib_slices=calib_slices, val=val, engine=engine, max_batch=max_batch,
                          max_dice_drop=max_dice_drop, overwrite=overwrite, name=name, sign_key=sign_key,
                          metadata={k: v for k, v in metadata.items() if v not in (None, "", [])})
-    check_options(opts)          # every option is checked before the bar is drawn and before any work
-    bar = tqdm(total=planned_steps(opts), unit="step", disable=quiet,
-               bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} steps [{elapsed}]")
-    started = [False]
-
-    def progress(step_name):
-        if started[0]:
-            bar.update(1)
-        started[0] = True
-        bar.set_description_str(step_name.ljust(34))
-
-    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg))
-    try:
-        result = export_bundle(opts, log=log, progress=progress)
-        bar.update(1)
-        bar.set_description_str("done".ljust(34))
-    finally:
-        bar.close()
+    with StepProgress(quiet) as progress:
+        result = export_bundle(opts, progress=progress)
     if not quiet:
         click.echo(summary_table(result.manifest, result.seconds))
         click.echo(f"bundle: {result.bundle}" + (f" (signed, key {result.signed_by})" if result.signed_by else
                                                   " (unsigned)"))
     return 0
+
+
+class StepProgress:
+    """What the command shows of an export: its steps as a progress bar (`progress_bar`: a bar on a
+    terminal, plain lines otherwise) and the export's log messages as lines that do not break it.
+    The bar is made at the first step, once every option has been checked, so a refused command
+    draws none; `quiet` shows neither."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.bar = quiet, None
+        self._logger = logging.getLogger("regionkd.export")
+        self._handler = _EchoHandler(self)
+        self._level = self._logger.level
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total=total, desc="export", unit="step", quiet=self.quiet)
+        self.bar.set_postfix_str(step)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        if not self.quiet:
+            self._logger.addHandler(self._handler)
+            self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _EchoHandler(logging.Handler):
+    """Log records as plain lines, through the progress bar while there is one."""
+
+    def __init__(self, progress: StepProgress):
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        echo(record.getMessage(), self.progress.bar)
 
 
 def main(argv=None) -> None:

@@ -1,19 +1,29 @@
 """One export run: checkpoint -> bundle directory (what `regionkd-export` does).
 
-Steps: load the checkpoint; read real CT slices (calibration sample, parity sample); fp32 ONNX
-(+ TensorRT op check, parity vs PyTorch); FP16; INT8 in two flavours from one calibration;
+The export runs from a table of steps (`STEPS`), the way a format table drives an exporter: each
+row has a name, a function of the run's shared state (`ExportRun`) and a predicate on the options
+saying whether this export needs it. The progress a caller sees counts exactly the steps that
+will run (`export_steps(opts)`), and a new step is one new row.
+
+The steps: load the checkpoint; read real CT slices (calibration sample, parity sample); fp32
+ONNX (+ TensorRT op check, parity vs PyTorch); FP16; INT8 in two flavours from one calibration;
 onnxruntime CPU latency of every ONNX file (the faster INT8 flavour is the one onnxruntime gets);
 per-class Dice on the validation volumes with the --max-dice-drop gate; TensorRT / TensorRT-RTX
-engines; manifest. All of it happens in a temporary directory renamed into place at the end.
+engines; manifest; signature. All of it happens in a temporary directory renamed into place at
+the end. Messages go to `logging` (loggers under `regionkd.export`) and progress to a callback:
+the library draws nothing, the command line does.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from regionkd.sdk.bundle_files import CALIBRATION_FILE, ENGINE_DIR, PRECISIONS, file_kind
 from regionkd.sdk.errors import BackendError, InputError, RegionKDError
 
 from . import bundle_writer as bw
@@ -22,7 +32,8 @@ from .onnx_export import compare_logits, export_onnx, ort_session, run_onnx, run
 from .precision import (check_dice_drop, convert_fp16, cpu_latency_ms, qdq_summary,
                         quantize_int8)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+log = logging.getLogger(__name__)
+
 ENGINE_MODES = ("auto", "never", "require")
 PARITY_SLICES = 32
 
@@ -56,10 +67,50 @@ class ExportResult:
     signed_by: str | None = None      # key id of the signature, when signed
 
 
+@dataclass
+class ExportRun:
+    """What the steps hand on to each other: the options, the temporary bundle directory, and
+    what each step has made so far. Files and metrics are keyed by the file kinds of
+    `regionkd.sdk.bundle_files` ("fp32", "fp16", "int8", "int8-cpu")."""
+    opts: ExportOptions
+    sign_key: Any = None
+    root: Path | None = None
+    model: Any = None
+    ckpt: dict = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)   # the manifest's, organ components included
+    calib: Any = None                                    # ct_slices.SliceSample, for int8
+    parity_images: Any = None
+    parity_source: str = ""
+    torch_logits: Any = None
+    onnx: dict = field(default_factory=dict)             # kind key -> FileKind of each ONNX file written
+    metrics: dict = field(default_factory=dict)          # kind key -> parity, latency, Dice of that file
+    extra: dict = field(default_factory=dict)            # the manifest's calibration / validation sections
+    engine_files: list = field(default_factory=list)
+    skipped_engines: list = field(default_factory=list)
+    int8_for_cpu: str | None = None                      # the INT8 kind onnxruntime gets
+    manifest: dict | None = None
+    signed_by: str | None = None
+
+    @property
+    def class_names(self) -> list:
+        return list(self.ckpt["class_names"])
+
+    @property
+    def window(self):
+        return self.preprocessing["window"]
+
+    @property
+    def input_size(self) -> tuple:
+        return tuple(self.preprocessing["input_size"])
+
+    def path(self, key: str) -> Path:
+        return self.root / file_kind(key).path()
+
+
 def default_precisions(calib) -> tuple:
     """What an export makes when --precision is not given: every precision its data allows
     (int8 needs calibration slices: only with --calib)."""
-    return PRECISIONS if calib is not None else ("fp32", "fp16")
+    return PRECISIONS if calib is not None else tuple(p for p in PRECISIONS if p != "int8")
 
 
 def parse_precisions(text: str) -> tuple:
@@ -72,38 +123,8 @@ def parse_precisions(text: str) -> tuple:
     return tuple(p for p in PRECISIONS if p in items)
 
 
-def _count_gflops(model, input_size) -> float | None:
-    """GFLOPs of one slice (2 x multiply-adds) by torch's own FLOP counter."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 1, int(input_size[0]), int(input_size[1])))
-        return round(counter.get_total_flops() / 1e9, 4)
-    except Exception:  # a counter gap must not stop an export; the field is optional
-        return None
-
-
-def _engine_builders():
-    """(engine_build module, [backends that can build here], {backend: why skipped})."""
-    from regionkd.sdk.backends import engine_build as tensorrt_build
-    ok, skipped = [], {}
-    for backend, (can, why) in tensorrt_build.available_builders().items():
-        (ok.append(backend) if can else skipped.__setitem__(backend, why))
-    return tensorrt_build, ok, skipped
-
-
-def planned_steps(opts: ExportOptions) -> int:
-    """How many progress steps `export_bundle` reports for these options."""
-    n = 5  # load, read slices, fp32, latency, manifest
-    n += ("fp16" in opts.precisions) + 2 * ("int8" in opts.precisions)
-    n += (opts.val is not None) + (opts.engine != "never") + (opts.sign_key is not None)
-    return n
-
-
 def check_options(opts: ExportOptions):
-    """Every check that needs no work, before any is done (and before a progress bar is drawn):
+    """Every check that needs no work, before any is done (and before any progress is reported):
     returns the loaded signing key (or None)."""
     if opts.engine not in ENGINE_MODES:
         raise InputError(f"--engine must be one of {', '.join(ENGINE_MODES)}, got {opts.engine!r}")
@@ -127,191 +148,276 @@ def check_options(opts: ExportOptions):
     return None
 
 
-def export_bundle(opts: ExportOptions, log: Callable[[str], None] = print, progress=None) -> ExportResult:
-    """Run the whole export; `progress(step_name)` is called when each step starts."""
-    from regionkd.sdk import __version__
+# ---------------------------------------------------------------- the steps
+
+def _load_checkpoint(run: ExportRun) -> None:
     from regionkd.train.checkpoint import load_model
 
-    t_start = time.perf_counter()
-    step = progress or (lambda name: None)
-    precisions = tuple(opts.precisions)
-    sign_key = check_options(opts)
-    out = Path(opts.out)
+    run.model, run.ckpt = load_model(run.opts.checkpoint)
+    run.preprocessing = bw.preprocessing_section(run.ckpt)
 
-    step("load checkpoint")
-    model, ckpt = load_model(opts.checkpoint)
-    class_names = list(ckpt["class_names"])
-    window = ckpt["preprocessing"]["window"]
-    input_size = tuple(int(v) for v in ckpt["preprocessing"]["input_size"])
-    lesion_label = len(class_names) - 1
 
-    step("read CT slices")
-    calib = None
-    if "int8" in precisions:
-        calib = stratified_slices(opts.calib, opts.calib_slices, window, input_size, lesion_label=lesion_label)
-        log(f"calibration: {len(calib)} slices from {opts.calib} ({', '.join(f'{k} {v}' for k, v in calib.strata.items())})")
-    parity_source = "validation"
+def _read_slices(run: ExportRun) -> None:
+    """The calibration sample (int8 only) and the slices parity with PyTorch is measured on:
+    validation slices, else calibration slices, else slices of a synthetic CT."""
+    opts, lesion_label = run.opts, len(run.class_names) - 1
+    if "int8" in opts.precisions:
+        run.calib = stratified_slices(opts.calib, opts.calib_slices, run.window, run.input_size,
+                                      lesion_label=lesion_label)
+        log.info("calibration: %d slices from %s (%s)", len(run.calib), opts.calib,
+                 ", ".join(f"{k} {v}" for k, v in run.calib.strata.items()))
     if opts.val is not None:
         open_cases(opts.val)  # fail early on an unreadable validation directory
-        parity_images = stratified_slices(opts.val, PARITY_SLICES, window, input_size,
-                                          lesion_label=lesion_label, seed=1).images
-    elif calib is not None:
-        parity_images = calib.images[:PARITY_SLICES]
-        parity_source = "calibration"
+        run.parity_images = stratified_slices(opts.val, PARITY_SLICES, run.window, run.input_size,
+                                              lesion_label=lesion_label, seed=1).images
+        run.parity_source = "validation"
+    elif run.calib is not None:
+        run.parity_images, run.parity_source = run.calib.images[:PARITY_SLICES], "calibration"
     else:
         from .ct_slices import synthetic_slices
 
-        parity_images = synthetic_slices(PARITY_SLICES, window, input_size)
-        parity_source = "synthetic"
-        log(f"no --val or --calib: parity with PyTorch measured on {PARITY_SLICES} slices of a synthetic CT; "
-            "Dice not measured")
-    torch_logits = run_torch(model, parity_images)
-
-    metrics: dict = {}
-    files: list = []
-    extra: dict = {}
-    skipped_engines: list = []
-    with bw.bundle_directory(out, overwrite=opts.overwrite) as root:
-        onnx_paths = {}   # key -> bundle-relative name; keys: fp32, fp16, int8, int8-cpu
-
-        def record(key, name):
-            onnx_paths[key] = name
-            parity = compare_logits(torch_logits, run_onnx(ort_session(root / name, opts.threads), parity_images))
-            metrics[key] = {"file": name, "parity": parity.as_dict(), "parity_data": parity_source}
-            log(f"{name}: parity vs PyTorch max |dlogit| {parity.max_abs_logit_diff:.3g}, "
-                f"argmax agreement {parity.argmax_agreement:.5f}")
-
-        step("export fp32 ONNX")
-        export_onnx(model, root / "model.fp32.onnx", input_size)
-        record("fp32", "model.fp32.onnx")
-        if "fp16" in precisions:
-            step("convert fp16")
-            convert_fp16(root / "model.fp32.onnx", root / "model.fp16.onnx")
-            record("fp16", "model.fp16.onnx")
-        if "int8" in precisions:
-            step("quantize int8 (TensorRT flavour)")
-            cache = root / "calibration.json"
-            trt_proto = quantize_int8(root / "model.fp32.onnx", root / "model.int8.onnx", "tensorrt", cache, calib.images)
-            record("int8", "model.int8.onnx")
-            metrics["int8"]["graph"] = qdq_summary(trt_proto)
-            step("quantize int8 (CPU flavour)")
-            quantize_int8(root / "model.fp32.onnx", root / "model.int8-cpu.onnx", "cpu", cache)
-            record("int8-cpu", "model.int8-cpu.onnx")
-            extra["calibration"] = {"file": "calibration.json", "sha256": bw.sha256_file(cache),
-                                    "data": bw.base_name(Path(opts.calib).resolve()), "slices": len(calib),
-                                    "strata": calib.strata, "method": "MinMax",
-                                    "format": "onnxruntime.quantization calibration cache (tensor ranges)"}
-
-        step("measure CPU latency")
-        for key, name in onnx_paths.items():
-            metrics[key]["cpu_latency_ms"] = cpu_latency_ms(root / name, input_size, runs=opts.latency_runs,
-                                                            threads=opts.threads, images=parity_images)
-        int8_for_cpu = None
-        if "int8" in precisions:
-            t_trt = metrics["int8"]["cpu_latency_ms"]["median_ms"]
-            t_cpu = metrics["int8-cpu"]["cpu_latency_ms"]["median_ms"]
-            int8_for_cpu = "int8-cpu" if t_cpu <= t_trt else "int8"
-            log(f"int8 on onnxruntime CPU: uint8-activation flavour {t_cpu:.2f} ms, symmetric int8 flavour "
-                f"{t_trt:.2f} ms per slice (fp32 {metrics['fp32']['cpu_latency_ms']['median_ms']:.2f} ms): "
-                f"shipping {onnx_paths[int8_for_cpu]} for onnxruntime")
-
-        if opts.val is not None:
-            step("validate (Dice)")
-            sessions = {key: ort_session(root / name, opts.threads) for key, name in onnx_paths.items()}
-            dice = _evaluate(sessions, opts.val, window, input_size, class_names)
-            for key in onnx_paths:
-                metrics[key]["dice"] = dice[key]
-            for key in onnx_paths:
-                if key != "fp32" and not (key == "int8-cpu" and int8_for_cpu == "int8"):  # gate what ships
-                    label = {"fp16": "fp16 (model.fp16.onnx)", "int8": "int8 TensorRT flavour (model.int8.onnx)",
-                             "int8-cpu": "int8 CPU flavour (model.int8-cpu.onnx)"}[key]
-                    check_dice_drop(dice["fp32"], dice[key], opts.max_dice_drop, label)
-            extra["validation"] = {"data": bw.base_name(Path(opts.val).resolve()), "max_dice_drop": opts.max_dice_drop,
-                                   "dice": "global per class over all validation volumes, onnxruntime CPU, "
-                                           "argmax after resizing logits to the slice size"}
-        else:
-            log("no --val: Dice not measured, --max-dice-drop not enforced")
-
-        if int8_for_cpu == "int8":  # symmetric flavour is the faster one on the CPU: it serves both
-            (root / "model.int8-cpu.onnx").unlink()
-            del onnx_paths["int8-cpu"]
-            metrics["int8"]["cpu_flavour_not_shipped"] = metrics.pop("int8-cpu")
-        for key, name in onnx_paths.items():
-            fields = {}
-            if key == "int8" and int8_for_cpu == "int8":
-                fields["backends"] = ["tensorrt", "onnxruntime"]
-            files.append(bw.onnx_entry(root, name, **fields))
-
-        if opts.engine != "never":
-            step("build engines")
-            engines, skipped_engines = _build_engines(root, onnx_paths, opts, log)
-            files += engines
-            if opts.engine == "require" and not engines:
-                raise BackendError("--engine require: no TensorRT or TensorRT-RTX engine could be built here ("
-                                       + "; ".join(skipped_engines) + ")")
-
-        step("write manifest")
-        params = sum(p.numel() for p in model.parameters())
-        manifest = bw.write_bundle_manifest(
-            root, model=bw.model_section(ckpt, params, opts.name, _count_gflops(model, input_size)),
-            preprocessing=bw.preprocessing_section(ckpt), files=files, metrics=_by_precision(metrics),
-            provenance=bw.provenance_section(ckpt, opts.checkpoint, __version__), max_batch=opts.max_batch,
-            extra={**extra, "metadata": bw.metadata_section(**opts.metadata)} if opts.metadata else extra)
-        signed_by = None
-        if sign_key is not None:
-            from regionkd.sdk.signing import sign_bundle
-
-            step("sign manifest")
-            signed_by = sign_bundle(root, sign_key)["key_id"]
-            log(f"signed manifest.json with key {signed_by}")
-    return ExportResult(bundle=out, manifest=manifest, seconds=time.perf_counter() - t_start,
-                        skipped_engines=skipped_engines, signed_by=signed_by)
+        run.parity_images = synthetic_slices(PARITY_SLICES, run.window, run.input_size)
+        run.parity_source = "synthetic"
+        log.info("no --val or --calib: parity with PyTorch measured on %d slices of a synthetic CT; "
+                 "Dice not measured", PARITY_SLICES)
+    run.torch_logits = run_torch(run.model, run.parity_images)
 
 
-def _evaluate(sessions, val_root, window, input_size, class_names):
-    from .validation import evaluate_dice
+def _record(run: ExportRun, key: str) -> None:
+    """Add the ONNX file of kind `key` just written, with its parity against PyTorch."""
+    kind = run.onnx[key] = file_kind(key)
+    session = ort_session(run.path(key), run.opts.threads)
+    parity = compare_logits(run.torch_logits, run_onnx(session, run.parity_images))
+    run.metrics[key] = {"file": kind.path(), "parity": parity.as_dict(), "parity_data": run.parity_source}
+    log.info("%s: parity vs PyTorch max |dlogit| %.3g, argmax agreement %.5f", kind.path(),
+             parity.max_abs_logit_diff, parity.argmax_agreement)
 
-    return evaluate_dice(sessions, iter_cases(val_root), window, input_size, class_names)
+
+def _export_fp32(run: ExportRun) -> None:
+    export_onnx(run.model, run.path("fp32"), run.input_size)
+    _record(run, "fp32")
+
+
+def _convert_fp16(run: ExportRun) -> None:
+    convert_fp16(run.path("fp32"), run.path("fp16"))
+    _record(run, "fp16")
+
+
+def _quantize_int8(key: str, run: ExportRun) -> None:
+    """The INT8 file of kind `key`; the first flavour calibrates and caches the ranges, the second
+    reuses them, so both come from one calibration."""
+    kind, cache = file_kind(key), run.root / CALIBRATION_FILE
+    proto = quantize_int8(run.path("fp32"), run.path(key), kind.flavour, cache, run.calib.images)
+    _record(run, key)
+    if kind.flavour == "tensorrt":
+        run.metrics[key]["graph"] = qdq_summary(proto)
+    run.extra["calibration"] = {"file": CALIBRATION_FILE, "sha256": bw.sha256_file(cache),
+                                "data": bw.base_name(Path(run.opts.calib).resolve()), "slices": len(run.calib),
+                                "strata": run.calib.strata, "method": "MinMax",
+                                "format": "onnxruntime.quantization calibration cache (tensor ranges)"}
+
+
+def _measure_latency(run: ExportRun) -> None:
+    for key in run.onnx:
+        run.metrics[key]["cpu_latency_ms"] = cpu_latency_ms(run.path(key), run.input_size, runs=run.opts.latency_runs,
+                                                            threads=run.opts.threads, images=run.parity_images)
+    if "int8" in run.onnx:
+        t_trt, t_cpu = (run.metrics[k]["cpu_latency_ms"]["median_ms"] for k in ("int8", "int8-cpu"))
+        run.int8_for_cpu = "int8-cpu" if t_cpu <= t_trt else "int8"
+        log.info("int8 on onnxruntime CPU: uint8-activation flavour %.2f ms, symmetric int8 flavour %.2f ms per "
+                 "slice (fp32 %.2f ms): shipping %s for onnxruntime", t_cpu, t_trt,
+                 run.metrics["fp32"]["cpu_latency_ms"]["median_ms"], run.onnx[run.int8_for_cpu].path())
+
+
+def _shipped(run: ExportRun) -> dict:
+    """The ONNX files the bundle keeps: the CPU INT8 flavour only when onnxruntime runs it faster."""
+    return {key: kind for key, kind in run.onnx.items() if not (key == "int8-cpu" and run.int8_for_cpu == "int8")}
+
+
+def _validate(run: ExportRun) -> None:
+    """Dice of every ONNX file on the validation volumes, then the --max-dice-drop gate on what ships."""
+    from .validation import VALIDATION_METHOD, evaluate_dice
+
+    models = {key: (run.path(key), kind.precision) for key, kind in run.onnx.items()}
+    dice = evaluate_dice(models, iter_cases(run.opts.val), run.preprocessing, run.class_names,
+                         threads=run.opts.threads, batch_size=run.opts.max_batch)
+    for key in run.onnx:
+        run.metrics[key]["dice"] = dice[key]
+    for key, kind in _shipped(run).items():
+        if key != "fp32":
+            check_dice_drop(dice["fp32"], dice[key], run.opts.max_dice_drop, f"{kind.title} ({kind.path()})")
+    run.extra["validation"] = {"data": bw.base_name(Path(run.opts.val).resolve()),
+                               "max_dice_drop": run.opts.max_dice_drop, "dice": VALIDATION_METHOD}
+
+
+def _engine_dir(run: ExportRun) -> Path:
+    """The bundle's engine folder, holding the timing caches of the bundle being replaced (reused)."""
+    engine_dir = run.root / ENGINE_DIR
+    engine_dir.mkdir(exist_ok=True)
+    previous = Path(run.opts.out) / ENGINE_DIR
+    for cache in previous.glob("*.timing-cache") if previous.is_dir() else ():
+        shutil.copy2(cache, engine_dir / cache.name)
+    return engine_dir
+
+
+def _build_engine(run: ExportRun, builder, backend: str, precision: str, engine_dir: Path) -> None:
+    """One engine from the ONNX file of `precision` (int8: the TensorRT flavour); with --engine auto a
+    failed build is a note, with require an error."""
+    source = run.onnx[precision].path()
+    try:
+        info = builder.build_engine(run.root / source, engine_dir, backend=backend, max_batch=run.opts.max_batch,
+                                    precision=precision, workspace_mb=run.opts.workspace_mb)
+    except RegionKDError as exc:
+        if run.opts.engine == "require":
+            raise
+        run.skipped_engines.append(f"{backend} {precision}: {exc}")
+        log.info("engine skipped: %s %s: %s", backend, precision, exc)
+        return
+    fields = info.manifest_fields()
+    fields["source"] = source
+    run.engine_files.append(bw.file_entry(info.path, run.root, **fields))
+    log.info("built %s (%s, %s)", Path(info.path).relative_to(run.root), backend, precision)
+
+
+def _build_engines(run: ExportRun) -> None:
+    """An engine per precision with every builder available here; what cannot be built is noted."""
+    from regionkd.sdk.backends import engine_build as builder
+
+    builders = builder.available_builders()           # {backend: (can build here, what / why not)}
+    for backend, (can, why) in builders.items():
+        if not can:
+            run.skipped_engines.append(f"{backend}: {why}")
+            log.info("engines skipped: %s: %s", backend, why)
+    engine_dir = _engine_dir(run)
+    for backend in [b for b, (can, _) in builders.items() if can]:
+        for precision in PRECISIONS:
+            if precision in run.onnx:
+                _build_engine(run, builder, backend, precision, engine_dir)
+    if run.opts.engine == "require" and not run.engine_files:
+        raise BackendError("--engine require: no TensorRT or TensorRT-RTX engine could be built here ("
+                           + "; ".join(run.skipped_engines) + ")")
+
+
+def _onnx_entries(run: ExportRun) -> list:
+    """The shipped ONNX files' manifest entries. When the symmetric INT8 flavour is the faster one on
+    the CPU, the CPU flavour's file goes and the symmetric one serves onnxruntime too."""
+    if "int8-cpu" in run.onnx and "int8-cpu" not in _shipped(run):
+        run.path("int8-cpu").unlink()
+        del run.onnx["int8-cpu"]
+        run.metrics["int8"]["cpu_flavour_not_shipped"] = run.metrics.pop("int8-cpu")
+    entries = []
+    for key, kind in run.onnx.items():
+        serves_cpu = key == "int8" and run.int8_for_cpu == "int8"
+        fields = {"backends": [*kind.backends, "onnxruntime"]} if serves_cpu else {}
+        entries.append(bw.onnx_entry(run.root, kind, **fields))
+    return entries
 
 
 def _by_precision(metrics: dict) -> dict:
-    """metrics keyed by precision; the CPU INT8 flavour sits under int8.flavours.cpu."""
-    out = {k: v for k, v in metrics.items() if k in PRECISIONS}
-    if "int8-cpu" in metrics:
-        out["int8"]["flavours"] = {"cpu": metrics["int8-cpu"]}
+    """metrics keyed by precision; a second flavour of a precision (the CPU INT8 flavour) sits
+    under <precision>.flavours.<flavour>."""
+    out: dict = {}
+    for key, values in metrics.items():
+        kind = file_kind(key)
+        if key == kind.precision:
+            out[key] = values
+        else:
+            out[kind.precision].setdefault("flavours", {})[kind.flavour] = values
     return out
 
 
-def _build_engines(root: Path, onnx_paths: dict, opts: ExportOptions, log) -> tuple:
-    """Build an engine per precision (int8 from the TensorRT flavour) with every builder available here."""
-    builder, backends, skipped = _engine_builders()
-    notes = [f"{b}: {why}" for b, why in skipped.items()]
-    for note in notes:
-        log(f"engines skipped: {note}")
-    entries = []
-    if builder is None:
-        return entries, notes
-    engine_dir = root / bw.ENGINE_DIR
-    engine_dir.mkdir(exist_ok=True)
-    previous = Path(opts.out) / bw.ENGINE_DIR  # reuse the timing caches of the bundle being replaced
-    for cache in previous.glob("*.timing-cache") if previous.is_dir() else ():
-        shutil.copy2(cache, engine_dir / cache.name)
-    for backend in backends:
-        for precision in PRECISIONS:
-            if precision not in onnx_paths:
+def _count_gflops(model, input_size) -> float | None:
+    """GFLOPs of one slice (2 x multiply-adds) by torch's own FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 1, int(input_size[0]), int(input_size[1])))
+        return round(counter.get_total_flops() / 1e9, 4)
+    except Exception:  # a counter gap must not stop an export; the field is optional
+        return None
+
+
+def _write_manifest(run: ExportRun) -> None:
+    from regionkd.sdk import __version__
+
+    opts, ckpt = run.opts, run.ckpt
+    params = sum(p.numel() for p in run.model.parameters())
+    extra = {**run.extra, "metadata": bw.metadata_section(**opts.metadata)} if opts.metadata else run.extra
+    run.manifest = bw.write_bundle_manifest(
+        run.root, model=bw.model_section(ckpt, params, opts.name, _count_gflops(run.model, run.input_size)),
+        preprocessing=run.preprocessing, files=_onnx_entries(run) + run.engine_files,
+        metrics=_by_precision(run.metrics), provenance=bw.provenance_section(ckpt, opts.checkpoint, __version__),
+        max_batch=opts.max_batch, extra=extra)
+
+
+def _sign(run: ExportRun) -> None:
+    from regionkd.sdk.signing import sign_bundle
+
+    run.signed_by = sign_bundle(run.root, run.sign_key)["key_id"]
+    log.info("signed manifest.json with key %s", run.signed_by)
+
+
+# ---------------------------------------------------------------- the table and the run
+
+@dataclass(frozen=True)
+class Step:
+    """A row of the export: `run(state)` runs when `wanted(options)`; otherwise `note`, if any, is
+    logged in its place (so a user reads what the export did not do)."""
+    name: str
+    run: Callable[[ExportRun], None]
+    wanted: Callable[[ExportOptions], bool] = lambda opts: True
+    note: str = ""
+
+
+def _makes(precision: str) -> Callable[[ExportOptions], bool]:
+    return lambda opts: precision in opts.precisions
+
+
+STEPS = (
+    Step("load checkpoint", _load_checkpoint),
+    Step("read CT slices", _read_slices),
+    Step("export fp32 ONNX", _export_fp32),
+    Step("convert fp16", _convert_fp16, _makes("fp16")),
+    Step("quantize int8 (TensorRT flavour)", partial(_quantize_int8, "int8"), _makes("int8")),
+    Step("quantize int8 (CPU flavour)", partial(_quantize_int8, "int8-cpu"), _makes("int8")),
+    Step("measure CPU latency", _measure_latency),
+    Step("validate (Dice)", _validate, lambda opts: opts.val is not None,
+         "no --val: Dice not measured, --max-dice-drop not enforced"),
+    Step("build engines", _build_engines, lambda opts: opts.engine != "never"),
+    Step("write manifest", _write_manifest),
+    Step("sign manifest", _sign, lambda opts: opts.sign_key is not None),
+)
+
+
+def export_steps(opts: ExportOptions) -> list:
+    """The steps `export_bundle` runs for these options, in order."""
+    return [step for step in STEPS if step.wanted(opts)]
+
+
+def export_bundle(opts: ExportOptions, progress: Callable[[str, int, int], None] | None = None) -> ExportResult:
+    """Run the steps the options want into a temporary directory that becomes `opts.out` at the end.
+
+    Every option is checked before any work and before the first progress report. `progress(step,
+    done, total)` is called as each step starts (`done` of the `total` steps finished) and once more
+    at the end as ("done", total, total)."""
+    started = time.perf_counter()
+    run = ExportRun(opts, sign_key=check_options(opts))
+    total = len(export_steps(opts))
+    report = progress or (lambda step, done, total: None)
+    done = 0
+    with bw.bundle_directory(opts.out, overwrite=opts.overwrite) as root:
+        run.root = root
+        for step in STEPS:
+            if not step.wanted(opts):
+                if step.note:
+                    log.info("%s", step.note)
                 continue
-            source = onnx_paths[precision]
-            try:
-                info = builder.build_engine(root / source, engine_dir, backend=backend, max_batch=opts.max_batch,
-                                            precision=precision, workspace_mb=opts.workspace_mb)
-            except RegionKDError as exc:
-                if opts.engine == "require":
-                    raise
-                notes.append(f"{backend} {precision}: {exc}")
-                log(f"engine skipped: {backend} {precision}: {exc}")
-                continue
-            fields = info.manifest_fields()
-            fields["source"] = source
-            entries.append(bw.file_entry(info.path, root, **fields))
-            log(f"built {Path(info.path).relative_to(root)} ({backend}, {precision})")
-    return entries, notes
+            report(step.name, done, total)
+            step.run(run)
+            done += 1
+    report("done", total, total)
+    return ExportResult(bundle=Path(opts.out), manifest=run.manifest, seconds=time.perf_counter() - started,
+                        skipped_engines=run.skipped_engines, signed_by=run.signed_by)
+

@@ -19,6 +19,7 @@ int8, 0.386 with the stem convolution in float (excluding the classifier too: 0.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from regionkd.sdk.atomic import atomic_path, give_normal_permissions
+from regionkd.sdk.bundle_files import INT8_FLAVOURS
 from regionkd.sdk.errors import RegionKDError, require
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
@@ -36,8 +38,6 @@ FP16_KEEP_FLOAT32 = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reci
                      "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
                      "InstanceNormalization", "LayerNormalization", "GroupNormalization",
                      "BatchNormalization", "Erf", "TopK", "Range", "CumSum")
-
-INT8_FLAVOURS = ("tensorrt", "cpu")
 
 
 class PrecisionError(RegionKDError):
@@ -130,31 +130,59 @@ def quantize_int8(fp32_path, out_path, flavour: str, calibration_cache, images: 
 
     calibration_cache = Path(calibration_cache)
     reader = None if calibration_cache.is_file() else calibration_reader(images)
-    out_path = Path(out_path)
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.ERROR)  # the quantizer logs the same advice at WARNING on every call
-    try:
-        with tempfile.TemporaryDirectory(prefix="regionkd-quant-") as work, atomic_path(out_path) as tmp:
-            pre = Path(work) / "pre.onnx"
-            # ONNX shape inference only: ORT graph optimisations could bring in ops TensorRT does not
-            # parse, and symbolic shape inference gives up on Resize-after-Concat graphs
-            quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
-            quantize_static(str(pre), str(tmp), reader, calibration_cache_path=calibration_cache,
-                            nodes_to_exclude=input_layers(onnx.load(str(pre))), **flavour_options(flavour))
-            if calibration_cache.is_file():
-                give_normal_permissions(calibration_cache)   # the quantizer writes it through mkstemp (0600)
-            proto = compact_graph(onnx.load(str(tmp)))
-            onnx.checker.check_model(proto)
-            if flavour == "tensorrt":
-                problems = tensorrt_qdq_problems(proto)
-                if problems:
-                    raise PrecisionError("the TensorRT INT8 graph is not what TensorRT's parser accepts: "
-                                         + "; ".join(problems[:5]))
-            onnx.save(proto, str(tmp))
-    finally:
-        root_logger.setLevel(level)
+    with quiet_quantizer(), tempfile.TemporaryDirectory(prefix="regionkd-quant-") as work, \
+            atomic_path(Path(out_path)) as tmp:
+        pre = Path(work) / "pre.onnx"
+        # ONNX shape inference only: ORT graph optimisations could bring in ops TensorRT does not
+        # parse, and symbolic shape inference gives up on Resize-after-Concat graphs
+        quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+        quantize_static(str(pre), str(tmp), reader, calibration_cache_path=calibration_cache,
+                        nodes_to_exclude=input_layers(onnx.load(str(pre))), **flavour_options(flavour))
+        if calibration_cache.is_file():
+            give_normal_permissions(calibration_cache)   # the quantizer writes it through mkstemp (0600)
+        proto = compact_graph(onnx.load(str(tmp)))
+        onnx.checker.check_model(proto)
+        if flavour == "tensorrt":
+            problems = tensorrt_qdq_problems(proto)
+            if problems:
+                raise PrecisionError("the TensorRT INT8 graph is not what TensorRT's parser accepts: "
+                                     + "; ".join(problems[:5]))
+        onnx.save(proto, str(tmp))
     return proto
+
+
+class _QuantizerRecords(logging.Filter):
+    """Drops the records below ERROR that onnxruntime.quantization logs on the root logger."""
+
+    def __init__(self):
+        super().__init__()
+        import onnxruntime.quantization
+
+        self.folder = str(Path(onnxruntime.quantization.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(self.folder)
+
+
+@contextlib.contextmanager
+def quiet_quantizer():
+    """Keep onnxruntime's quantizer quiet for a block, and only it: it repeats the same advice at
+    WARNING on every call, partly through its own loggers (`onnxruntime.quantization.*`, raised to
+    ERROR here) and partly through the root logger itself (`logging.warning(...)`). Those root
+    records are dropped by a filter on the root logger, which sees only records logged on it, so
+    every other logger's records pass; a NullHandler keeps the quantizer's first root message from
+    installing a stderr handler (`logging.basicConfig`). Levels, filter and handler are restored."""
+    own, root = logging.getLogger("onnxruntime.quantization"), logging.getLogger()
+    level, records, null = own.level, _QuantizerRecords(), logging.NullHandler()
+    own.setLevel(logging.ERROR)
+    root.addFilter(records)
+    root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
+        root.removeFilter(records)
+        own.setLevel(level)
 
 
 def compact_graph(proto):

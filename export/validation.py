@@ -1,8 +1,11 @@
-"""Per-class Dice of ONNX models on validation volumes, computed the way the SDK segments: every
-axial slice of the canonical volume preprocessed with `regionkd.sdk.preprocess`, run through
-onnxruntime, logits resized back to the slice size and argmaxed (`logits_to_labels`), then
-compared with the canonical label volume. Dice is global per class (intersections and sizes
-summed over all volumes), so a lesion absent from one volume does not count as 0 or 1 there.
+"""Per-class Dice of the exported ONNX models on validation volumes, measured on the masks users
+get: each volume goes through the runtime's own `regionkd.sdk.segmenter.Segmenter` over an
+onnxruntime backend of each file (orientation, slicing, preprocessing, inference, resize back,
+argmax and the largest-component step of the bundle's preprocessing), segmenting the case's image
+in its file's own voxel order (`regionkd.train.evaluate.segment_case`, as the checkpoint
+evaluation does), and is compared with the label in that same order. Dice is global per class
+(`regionkd.train.metrics.DiceAccumulator`: intersections and sizes summed over all volumes), so a
+lesion absent from one volume does not count as 0 or 1 there.
 """
 from __future__ import annotations
 
@@ -10,31 +13,47 @@ from typing import Iterable
 
 import numpy as np
 
-from regionkd.sdk.preprocess import logits_to_labels, preprocess_slices, volume_to_slices
-
 from regionkd.train.metrics import DiceAccumulator
 
-from .onnx_export import run_onnx
+#: what the manifest's validation section says the Dice is
+VALIDATION_METHOD = ("global per class over all validation volumes, on the masks of the SDK's Segmenter "
+                     "(onnxruntime backend, largest components kept), in each file's own voxel order")
 
 
-def evaluate_dice(sessions: dict, cases: Iterable, window, input_size, class_names,
-                  batch_size: int = 8, progress=None) -> dict:
-    """{model_key: {class_name: Dice}} for every onnxruntime session in `sessions`, on `cases`
-    (objects with canonical `volume.data` in HU and `label`). Each volume is preprocessed once."""
-    acc = {key: DiceAccumulator(len(class_names)) for key in sessions}
+def onnx_segmenter(path, precision: str, preprocessing: dict, class_names, threads=None, batch_size=None):
+    """The runtime's Segmenter over an onnxruntime backend of the ONNX file `path`, post-processed as
+    `preprocessing` (the bundle's) says. Implausible volumes are segmented, not refused: the
+    plausibility checks guard a scanner's input, and must not stop a model being measured on the
+    exporter's own labelled data."""
+    from regionkd.sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from regionkd.sdk.segmenter import Segmenter, organ_labels_of
+
+    backend = OnnxRuntimeBackend.from_model_file(path, precision, threads=threads, batch_size=batch_size)
+    return Segmenter.from_backend(backend, preprocessing, class_names,
+                                  organ_labels=organ_labels_of(preprocessing, class_names),
+                                  batch_size=batch_size, allow_implausible=True)
+
+
+def evaluate_dice(models: dict, cases: Iterable, preprocessing: dict, class_names, threads=None,
+                  batch_size=None) -> dict:
+    """{model_key: {class_name: Dice}} for every ONNX file in `models` ({key: (path, precision)}), on
+    `cases` (objects with a canonical `volume` and its `label`). Each case is read once and
+    segmented once per model."""
+    from regionkd.train.evaluate import segment_case
+
+    segmenters = {key: onnx_segmenter(path, precision, preprocessing, class_names, threads, batch_size)
+                  for key, (path, precision) in models.items()}
+    acc = {key: DiceAccumulator(len(class_names)) for key in segmenters}
     n_cases = 0
-    for case in cases:
-        hu = volume_to_slices(np.asarray(case.volume.data, dtype=np.float32))
-        gt = volume_to_slices(np.asarray(case.label))
-        if hu.shape != gt.shape:
-            raise ValueError(f"case {getattr(case, 'case_id', '?')}: image {hu.shape} and label {gt.shape} differ")
-        images = preprocess_slices(hu, window, input_size)
-        for key, session in sessions.items():
-            pred = logits_to_labels(run_onnx(session, images, batch_size), hu.shape[1:])
-            acc[key].add(pred, gt)
-        n_cases += 1
-        if progress is not None:
-            progress(1)
+    try:
+        for case in cases:
+            reference = case.volume.to_original(np.asarray(case.label))
+            for key, segmenter in segmenters.items():
+                acc[key].add(segment_case(segmenter, case.volume), reference)
+            n_cases += 1
+    finally:
+        for segmenter in segmenters.values():
+            segmenter.backend.close()
     if n_cases == 0:
         raise ValueError("no validation cases")
     return {key: a.dice(class_names) for key, a in acc.items()}

@@ -7,7 +7,8 @@ every file's size and sha256. A backend then runs only bytes it got from `Bundle
 which reads a file once and checks those very bytes against the manifest loaded: a file replaced
 after `load_bundle()` is refused, never executed. The SDK only ever reads JSON, ONNX and TensorRT
 engines from a bundle; it never unpickles anything.
-The export writes bundles with `file_entry` + `write_manifest` (or `Bundle.register_file`).
+The export writes bundles with `file_entry` + `write_manifest` (or `Bundle.register_file`); the
+kinds of file a bundle holds, their names and entry fields, are the rows of `regionkd.sdk.bundle_files`.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+from .bundle_files import PRECISIONS
 from .errors import BundleError
-from .manifest_schema import (FORMAT_VERSION, KNOWN_BACKENDS, MAX_MANIFEST_BYTES, PRECISIONS, check_manifest,
-                              parse_manifest_bytes)
+from .manifest_schema import FORMAT_VERSION, MAX_MANIFEST_BYTES, check_manifest, parse_manifest_bytes
 from .signing import SignatureStatus, check_signature, resolve_trusted_keys
 
 MANIFEST_NAME = "manifest.json"
-__all__ = ["FORMAT_VERSION", "KNOWN_BACKENDS", "PRECISIONS", "MANIFEST_NAME", "Bundle", "load_bundle",
+__all__ = ["FORMAT_VERSION", "PRECISIONS", "MANIFEST_NAME", "Bundle", "load_bundle",
            "read_manifest", "validate_manifest", "write_manifest", "file_entry", "sha256_file", "read_inside"]
 
 

@@ -62,7 +62,8 @@ def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, b
     model size, parameters, each configuration's own peak memory."""
     from .backends import BACKENDS
     from .bench import format_table, require_measured, run_benchmark
-    from .bundle import PRECISIONS, load_bundle
+    from .bundle import load_bundle
+    from .bundle_files import PRECISIONS
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     backend_list = parse_list(backends, BACKENDS, "backend")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .backends import BACKENDS
+from .bundle_files import PRECISIONS
 from .console import progress_bar, run_cli, version_option
 from .errors import InputError
 from .nifti_bounds import DEFAULT_MAX_VOXELS
@@ -30,10 +32,10 @@ from .timing import format_timings
               help="Per class: voxels, volume (ml), mean/SD/min/max HU; lesions: count, largest volume and in-plane "
                    "diameter. Written as '<name>.statistics.json' beside the result (and into --report).")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"]),
+              type=click.Choice(list(BACKENDS)),
               help="auto: TensorRT on an NVIDIA GPU, else TensorRT-RTX, else onnxruntime.")
 @click.option("--precision", "--precisions", "precision", default="fp32", show_default=True,
-              type=click.Choice(["fp32", "fp16", "int8"]),
+              type=click.Choice(list(PRECISIONS)),
               help="Which of the bundle's models to run: fp32 (the reference), fp16 or int8 (smaller, faster on GPUs; "
                    "the bundle's manifest records their Dice against fp32).")
 @click.option("--device", type=click.IntRange(min=0), default=0, show_default=True,

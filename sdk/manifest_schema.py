@@ -3,7 +3,9 @@
 `check_manifest(manifest, where)` raises BundleError naming the manifest, the field and the
 problem. The JSON Schema (`SCHEMA`, validated with `jsonschema`) gives the types and ranges of
 every field the SDK uses; `_semantic_problems` adds what a schema cannot say (lo < hi, a class
-count that matches the names, labels in range, paths that stay inside the bundle).
+count that matches the names, labels in range, paths that stay inside the bundle). The precisions,
+file formats and backend names a file entry may hold are those of the file-kinds table
+(`regionkd.sdk.bundle_files`).
 `parse_manifest_bytes` refuses what the JSON parser should never see: more than
 MAX_MANIFEST_BYTES, nesting deeper than MAX_DEPTH, NaN / Infinity literals.
 Integers are JSON integers: `true` and `1.0` are not the integer 1.
@@ -16,12 +18,10 @@ from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any
 
+from .bundle_files import BACKENDS, FILE_FORMATS, PRECISIONS
 from .errors import BundleError, require
 
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
-KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
-FILE_FORMATS = ("onnx", "tensorrt-engine", "tensorrt-rtx-engine")
 MAX_MANIFEST_BYTES = 1 << 20        # 1 MB: a real manifest is a few kB
 MAX_DEPTH = 32                      # objects/arrays inside each other; a real manifest has 6
 MAX_INPUT_SIZE = 2048               # network slice size; CT matrices are 512 (sometimes 1024)
@@ -62,7 +62,7 @@ FILE_SCHEMA = {
         "format": {"enum": list(FILE_FORMATS)},
         "precision": {"enum": list(PRECISIONS)},
         "flavour": {"type": "string", "maxLength": 64},
-        "backends": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(KNOWN_BACKENDS)}},
+        "backends": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(BACKENDS)}},
         "bytes": {**_INT, "minimum": 0, "maximum": 1 << 40},
         "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
         "trt_version": {"type": "string", "maxLength": 32},

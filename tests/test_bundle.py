@@ -150,7 +150,7 @@ def test_file_entry_with_a_relative_bundle_directory(tmp_path, monkeypatch):
     assert entry["path"] == "model.fp32.onnx" and entry["bytes"] == 4
 
 
-# ---------------------------------------------------------------- issue 12: the whole schema, before any load
+# ---------------------------------------------------------------- the whole schema, before any load
 
 def _set(section, key, value):
     return lambda m: m[section].__setitem__(key, value)
@@ -336,3 +336,23 @@ def test_manifest_that_disagrees_with_its_model_is_refused_at_load(bundle_copy):
     _edit_manifest(bundle_copy, lambda m: m["model"].update(num_classes=4, class_names=["bg", "liver", "tumour", "cyst"]))
     with pytest.raises(BundleError, match=r"outputs 3 classes, the manifest names 4"):
         Segmenter(bundle_copy, backend="onnxruntime")
+
+
+def test_the_file_kinds_table_names_every_precision_backend_and_file(tiny_bundle):
+    """One table says which files a bundle holds; the schema's names and the writer's entries come from it."""
+    from regionkd.sdk import bundle_files as bf
+
+    assert bf.PRECISIONS == ("fp32", "fp16", "int8")
+    assert bf.BACKENDS == ("onnxruntime", "tensorrt", "tensorrt-rtx")
+    assert bf.FILE_FORMATS == ("onnx", "tensorrt-engine", "tensorrt-rtx-engine")
+    assert bf.INT8_FLAVOURS == ("tensorrt", "cpu")
+    assert [k.path() for k in bf.ONNX_KINDS] == ["model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx",
+                                                 "model.int8-cpu.onnx"]
+    assert bf.engine_kind("tensorrt").path(version="10.3.0", sm="87", precision="int8") == \
+        "engines/trt10.3.0-sm87-int8.engine"
+    with pytest.raises(BundleError, match="unknown kind of bundle file 'int4'"):
+        bf.file_kind("int4")
+    # the entries of a bundle written by hand to the same contract carry exactly the table's fields
+    for entry in load_bundle(tiny_bundle).files:
+        kind = next(k for k in bf.ONNX_KINDS if k.path() == entry["path"])
+        assert {f: entry[f] for f in kind.manifest_fields()} == kind.manifest_fields()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,6 +241,29 @@ def test_int8_file_at_most_30_percent_of_fp32_for_a_real_sized_model(tmp_path):
     assert int8 <= 0.30 * fp32, (int8, fp32)
 
 
+def test_quantization_keeps_only_the_quantizer_quiet(tiny, tmp_path, caplog):
+    """The quantizer's advice (logged partly on the root logger) is dropped while it runs; the root
+    logger's level, handlers and filters are as before, and every other record still gets through."""
+    import logging
+
+    import onnxruntime.quantization
+
+    from regionkd.export.precision import quiet_quantizer
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), list(root.filters), logging.getLogger("onnxruntime.quantization").level)
+    quantize_int8(tiny.fp32, tmp_path / "q.onnx", "tensorrt", tmp_path / "cal.json", tiny.images)
+    assert (root.level, list(root.handlers), list(root.filters),
+            logging.getLogger("onnxruntime.quantization").level) == before
+    quantizer_file = str(Path(onnxruntime.quantization.__file__).parent / "quant_utils.py")
+    with caplog.at_level(logging.WARNING), quiet_quantizer():
+        logging.getLogger("regionkd.export.pipeline").warning("ours")
+        logging.warning("the root's own")
+        root.handle(logging.LogRecord("root", logging.WARNING, quantizer_file, 1, "advice", None, None))
+        root.handle(logging.LogRecord("root", logging.ERROR, quantizer_file, 1, "failure", None, None))
+    assert [r.getMessage() for r in caplog.records] == ["ours", "the root's own", "failure"]
+
+
 def test_calibration_refuses_missing_slices(tiny, tmp_path):
     with pytest.raises(PrecisionError, match="--calib"):
         quantize_int8(tiny.fp32, tmp_path / "x.onnx", "tensorrt", tmp_path / "none.json", None)
@@ -282,6 +306,36 @@ def test_dice_accumulator_hand_computed():
     acc.add(np.array([0, 0]), np.array([1, 0]))  # a second volume: liver gets one more true voxel, missed
     assert acc.dice(["bg", "liver", "tumour"])["liver"] == pytest.approx(4 / 5)
     assert DiceAccumulator(3).dice(["bg", "liver", "tumour"]) == {"liver": None, "tumour": None}
+
+
+def test_validation_dice_is_the_dice_of_the_masks_the_segmenter_gives(exact_bundle):
+    """The export's Dice goes through the runtime's Segmenter, on the image in its file's own voxel
+    order (here flipped left-right, so canonical and file order differ): the hand-built threshold
+    model over a phantom whose stray liver-density blob only the largest-component step removes
+    gives a perfect Dice with that step and a lower liver Dice without it."""
+    from conftest import EXACT_SHAPE, TINY_CLASSES, expected_labels_from_hu, make_phantom
+
+    from regionkd.export.validation import evaluate_dice
+    from regionkd.sdk.bundle import load_bundle
+    from regionkd.sdk.orientation import to_canonical
+
+    hu, affine = make_phantom(shape=EXACT_SHAPE, with_distractor=True)
+    truth = expected_labels_from_hu(make_phantom(shape=EXACT_SHAPE, with_distractor=False)[0])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = EXACT_SHAPE[0] - 1
+    file_affine = affine @ flip                          # the file stores x from right to left
+    volume = to_canonical(hu[::-1].copy(), file_affine)
+    case = types.SimpleNamespace(case_id="flipped", volume=volume,
+                                 label=to_canonical(truth[::-1].copy(), file_affine).data)
+    assert np.array_equal(volume.data, hu)               # canonical order is not the file's
+    prep = load_bundle(exact_bundle).preprocessing
+    models = {"fp32": (exact_bundle / "model.fp32.onnx", "fp32")}
+    dice = evaluate_dice(models, [case], prep, TINY_CLASSES)["fp32"]
+    assert dice == {"liver": 1.0, "tumour": 1.0}
+    raw = evaluate_dice(models, [case], {**prep, "largest_component_labels": []}, TINY_CLASSES)["fp32"]
+    assert raw["tumour"] == 1.0 and raw["liver"] < 1.0
+    with pytest.raises(ValueError, match="no validation cases"):
+        evaluate_dice(models, [], prep, TINY_CLASSES)
 
 
 class _FakeCase:
@@ -347,6 +401,12 @@ def test_bundle_preprocessing_names_the_organ_components_of_the_task():
     liver = preprocessing_section({"task": "liver", "preprocessing": pre})
     assert liver["largest_component_labels"] == [1] and "largest_component_counts" not in liver
     assert preprocessing_section({"task": "kidney", "preprocessing": pre}, [])["largest_component_labels"] == []
+    # a checkpoint of no known task: worked out from the class names once, at export, and written
+    guessed = preprocessing_section({"class_names": ["background", "kidney", "tumour"], "preprocessing": pre})
+    assert guessed["largest_component_labels"] == [1] and guessed["largest_component_counts"] == {"1": 2}
+    other = preprocessing_section({"task": "spleen", "class_names": ["background", "spleen", "lesion"],
+                                   "preprocessing": pre})
+    assert other["largest_component_labels"] == [1] and "largest_component_counts" not in other
 
 
 def test_a_killed_export_leaves_a_temporary_bundle_the_next_export_removes(tmp_path):

@@ -161,18 +161,46 @@ def test_tensorrt_rtx_engines_built_for_every_precision(exported):
         assert e["bytes"] > 0 and e["max_batch"] == 4
 
 
+def test_a_fresh_bundle_names_the_organ_components_of_its_task(checkpoint, tmp_path):
+    """The manifest tells the runtime which organ labels keep only their largest component(s) and how
+    many (two kidneys), from the checkpoint's task, so no runtime has to guess from class names."""
+    from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.update(task="kidney", class_names=["background", "kidney", "tumour"])
+    path = tmp_path / "kidney.pt"
+    save_checkpoint(path, ckpt)
+    main([str(path), "--out", str(tmp_path / "kidney.bundle"), "--precision", "fp32", "--engine", "never", "--quiet"])
+    prep = load_bundle(tmp_path / "kidney.bundle").preprocessing
+    assert prep["largest_component_labels"] == [1] and prep["largest_component_counts"] == {"1": 2}
+
+
 def test_interrupted_export_leaves_no_half_bundle(data, checkpoint, tmp_path):
     out = tmp_path / "bundle"
 
-    def stop_at_quantization(step):
+    def stop_at_quantization(step, done, total):
         if step.startswith("quantize int8"):
             raise KeyboardInterrupt
 
     opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=("fp32", "fp16", "int8"), calib=data[0],
                          calib_slices=8, engine="never")
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(opts, log=lambda m: None, progress=stop_at_quantization)
+        export_bundle(opts, progress=stop_at_quantization)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_counts_the_steps_the_options_want(data, checkpoint, tmp_path):
+    """The progress callback sees each step of export_steps(opts) start, in order, out of their count."""
+    from regionkd.export.pipeline import export_steps
+
+    calls = []
+    opts = ExportOptions(checkpoint=checkpoint, out=tmp_path / "b", precisions=("fp32",), val=data[1], engine="never")
+    names = [step.name for step in export_steps(opts)]
+    assert names == ["load checkpoint", "read CT slices", "export fp32 ONNX", "measure CPU latency",
+                     "validate (Dice)", "write manifest"]
+    export_bundle(opts, progress=lambda *call: calls.append(call))
+    total = len(names)
+    assert calls == [(name, i, total) for i, name in enumerate(names)] + [("done", total, total)]
 
 
 def test_int8_without_calibration_data_is_refused(checkpoint, data, tmp_path, capsys):
@@ -231,7 +259,7 @@ def test_export_signs_with_sign_key_and_records_the_training_spacing(data, check
     assert code == 1 and "not a PEM private key" in err and not (tmp_path / "never.bundle").exists()
 
 
-# ---------------------------------------------------------------- issue 13: defaults that work, metadata, names only
+# ---------------------------------------------------------------- defaults that work, metadata, names only
 
 def test_the_defaults_work_without_any_data(checkpoint, tmp_path, capsys):
     """`regionkd-export CKPT --out DIR`: fp32 + fp16 (no int8 without --calib), parity on a synthetic CT."""

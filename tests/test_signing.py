@@ -1,6 +1,6 @@
-"""Signed bundles (issue 12, section 2): Ed25519 over manifest.json; with trusted keys an unsigned,
-foreign-signed or changed bundle is refused before any model loads; without keys it loads as
-before and says it was unsigned."""
+"""Signed bundles: Ed25519 over manifest.json; with trusted keys an unsigned,
+foreign-signed or changed bundle is refused before any model loads; without keys it loads and
+says whether it was signed."""
 from __future__ import annotations
 
 import base64

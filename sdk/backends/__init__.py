@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 
-from ..bundle import PRECISIONS, Bundle, load_bundle
+from .. import bundle_files
+from ..bundle import Bundle, load_bundle
+from ..bundle_files import PRECISIONS
 from ..errors import BackendError, InputError, MissingDependencyError, RegionKDError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("auto", *bundle_files.BACKENDS)
 CHECKPOINT_OPENERS = "regionkd.checkpoint_openers"
 
 log = logging.getLogger(__name__)

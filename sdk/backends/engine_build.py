@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from regionkd.sdk.atomic import atomic_write_bytes
+from regionkd.sdk.bundle_files import engine_kind
 from regionkd.sdk.backends.tensorrt_backend import ENGINE_FORMATS, gpu_compute_capability, import_trt, short_version
 from regionkd.sdk.errors import BackendError, InputError, MissingDependencyError, RegionKDError
 
 log = logging.getLogger(__name__)
 
-BUILD_BACKENDS = ("tensorrt", "tensorrt-rtx")
+BUILD_BACKENDS = tuple(ENGINE_FORMATS)   # the runtimes with an engine row in regionkd.sdk.bundle_files
 
 
 class EngineBuildError(BackendError):
@@ -53,15 +54,14 @@ class EngineInfo:
 
 
 def engine_filename(backend: str, trt_version: str, precision: str, compute_capability: str | None = None) -> str:
-    """`trt<version>-sm<major><minor>-<precision>.engine` or `rtx<version>-<precision>.engine`."""
-    version = short_version(trt_version)
-    if backend == "tensorrt-rtx":
-        return f"rtx{version}-{precision}.engine"
-    if backend != "tensorrt":
+    """`trt<version>-sm<major><minor>-<precision>.engine` or `rtx<version>-<precision>.engine`
+    (the engine rows of `regionkd.sdk.bundle_files`)."""
+    if backend not in BUILD_BACKENDS:
         raise BackendError(f"unknown engine backend {backend!r}; choose one of {', '.join(BUILD_BACKENDS)}")
-    if not compute_capability:
+    if backend == "tensorrt" and not compute_capability:
         raise BackendError("a TensorRT engine name needs the GPU compute capability (e.g. '8.7')")
-    return f"trt{version}-sm{str(compute_capability).replace('.', '')}-{precision}.engine"
+    sm = str(compute_capability or "").replace(".", "")
+    return engine_kind(backend).name.format(version=short_version(trt_version), sm=sm, precision=precision)
 
 
 def timing_cache_filename(trt_version: str, compute_capability: str) -> str:

@@ -62,6 +62,13 @@ class OnnxRuntimeBackend(Backend):
         self.last_gpu_ms = None  # onnxruntime exposes no CUDA event timing
         log.info("onnxruntime %s on %s, %s", self.model_path.name, "/".join(self.providers), precision)
 
+    @classmethod
+    def from_model_file(cls, path, precision: str, threads: int | None = None, batch_size: int | None = None):
+        """The backend over one ONNX file that no manifest lists yet: the export validates the models
+        it wrote before it writes the manifest. The file stands in for a bundle of that one model,
+        whose input size and class count are the ones its graph declares."""
+        return cls(_ModelFile(path, precision), precision, threads=threads, batch_size=batch_size)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(n, 1, H, W) float32 -> (n, C, H, W) float32 logits, in chunks of at most max_batch."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -101,3 +108,46 @@ def _check_declared_shapes(path, in_shape, out_shape, bundle) -> None:
     if fixed(out_shape[1]) and out_shape[1] != bundle.num_classes:
         raise BundleError(f"{path}: the model outputs {out_shape[1]} classes, the manifest names "
                           f"{bundle.num_classes} ({', '.join(bundle.class_names)})")
+
+
+class _ModelFile:
+    """The few `Bundle` answers `OnnxRuntimeBackend` asks for, about one ONNX file outside a bundle:
+    its entry, its bytes (read once), the input size its graph declares and the class count it
+    outputs (the graphs leave that axis symbolic, so one blank slice is run to see it), both read
+    with an unoptimised CPU session: the manifest checks then compare the file with itself."""
+
+    manifest: dict = {}
+    max_batch = None
+
+    def __init__(self, path, precision: str):
+        from pathlib import Path
+
+        ort = require("onnxruntime", purpose="the onnxruntime backend")
+        self.path = Path(path)
+        self.entry = {"path": self.path.name, "format": "onnx", "precision": precision,
+                      "backends": [OnnxRuntimeBackend.name]}
+        try:
+            self.data = self.path.read_bytes()
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            probe = ort.InferenceSession(self.data, sess_options=options, providers=["CPUExecutionProvider"])
+            image = probe.get_inputs()[0]
+            size = [d if isinstance(d, int) and d > 0 else 0 for d in image.shape[2:4]]
+            blank = np.zeros((1, 1, *(d or 64 for d in size)), np.float32)
+            classes = probe.run(None, {image.name: blank})[0].shape[1]
+        except OSError as exc:
+            raise BackendError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+        self.preprocessing = {"input_size": size}
+        self.num_classes = int(classes)
+        self.class_names = [str(c) for c in range(self.num_classes)]
+
+    def select_file(self, precision: str, backend: str) -> dict:
+        return self.entry
+
+    def path_of(self, entry: dict):
+        return self.path
+
+    def read_verified(self, entry: dict) -> bytes:
+        return self.data

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
+from ..bundle_files import ENGINE_DIR, ENGINE_FORMATS
 from ..errors import BackendError, BundleError, MissingDependencyError, RegionKDError, require
 from .base import Backend
 
 log = logging.getLogger(__name__)
 
-#: backend name -> (Python module, pip extra, engine `format` in the manifest)
+#: backend name -> Python module, and the pip extra that installs it
 TRT_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
 TRT_EXTRAS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx"}
-ENGINE_FORMATS = {"tensorrt": "tensorrt-engine", "tensorrt-rtx": "tensorrt-rtx-engine"}
 DEFAULT_MAX_BATCH = 16
 
 
@@ -181,7 +181,7 @@ def resolve_engine(bundle, backend: str, precision: str, trt_version: str, compu
         builder = _engine_builder()
     onnx_entry = source_onnx(bundle.files, backend, precision)
     log.info("%s: no engine for %s here; building one from %s", backend, precision, onnx_entry["path"])
-    info = builder.build_engine(bundle.path_of(onnx_entry), bundle.root / "engines", backend=backend,
+    info = builder.build_engine(bundle.path_of(onnx_entry), bundle.root / ENGINE_DIR, backend=backend,
                                 max_batch=int(bundle.max_batch or DEFAULT_MAX_BATCH), precision=precision,
                                 onnx_bytes=bundle.read_verified(onnx_entry))
     fields = info.manifest_fields()
