@@ -117,8 +117,7 @@ def make_models(p: Preset, work: Path, quiet: bool, student_arch: str | None = N
         engine = "auto" if C.gpu_name() else "never"
         export_bundle(ExportOptions(checkpoint=student, out=bundle, precisions=("fp32", "fp16", "int8"), calib=data,
                                     calib_slices=p.calib_slices, val=data, engine=engine, max_dice_drop=1.0,
-                                    overwrite=True, latency_runs=3, threads=p.threads),
-                      log=(lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True)))
+                                    overwrite=True, latency_runs=3, threads=p.threads))
     return teacher, student, bundle, data
 
 
@@ -376,8 +375,11 @@ def chart(rows):
 def main(preset, teacher, student, bundle, volume, threads, repeat, work, results, also_students, quiet):
     """Latency per volume (median, p95, stages), size, params, GFLOPs and achieved share of the
     machine's matmul ceiling for teacher and student in PyTorch and the student through the SDK."""
+    import logging
+
     from regionkd.sdk.errors import InputError
 
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     p = PRESETS[preset]
     if threads:
         p = replace(p, threads=threads)

@@ -81,11 +81,15 @@ def summary_table(manifest: dict, seconds: float) -> str:
               help="What the model is for and not for (metadata.intended_use), e.g. 'research use only'.")
 @click.option("--reference", "references", multiple=True,
               help="A publication or web page about the model (metadata.references; repeatable).")
+@click.option("--no-fused", is_flag=True,
+              help="Do not ship the fused models (raw HU slices in, uint8 labels out: window, resizes and argmax "
+                   "inside the graph), which the runtime otherwise prefers; each is checked against the numpy path "
+                   "first (label agreement >= 99.99 % per volume).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, messages or summary; errors only.")
 @version_option
 def export_command(checkpoint, out, precision, calib, calib_slices, val, engine, max_batch, max_dice_drop,
                    name, overwrite, sign_key, model_version, description, authors, copyright_, license_, intended_use,
-                   references, quiet):
+                   references, no_fused, quiet):
     """Export the network in CHECKPOINT to a model bundle: fp32/fp16/int8 ONNX, TensorRT engines, manifest.json.
 
     With no data given, parity with PyTorch is measured on slices of a synthetic CT; give --val
@@ -96,6 +100,7 @@ def export_command(checkpoint, out, precision, calib, calib_slices, val, engine,
     opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=precisions, calib=calib,
                          calib_slices=calib_slices, val=val, engine=engine, max_batch=max_batch,
                          max_dice_drop=max_dice_drop, overwrite=overwrite, name=name, sign_key=sign_key,
+                         fused=not no_fused,
                          metadata={k: v for k, v in metadata.items() if v not in (None, "", [])})
     with StepProgress(quiet) as progress:
         result = export_bundle(opts, progress=progress)

@@ -55,6 +55,7 @@ class ExportOptions:
     threads: int = 1
     name: str | None = None
     sign_key: Path | None = None      # Ed25519 private key: the bundle gets a manifest.sig
+    fused: bool = True                # also ship each model fused with its pre- and post-processing
     metadata: dict = field(default_factory=dict)   # the manifest's metadata (bundle_writer.METADATA_FIELDS)
 
 
@@ -83,6 +84,7 @@ class ExportRun:
     parity_source: str = ""
     torch_logits: Any = None
     onnx: dict = field(default_factory=dict)             # kind key -> FileKind of each ONNX file written
+    fused: dict = field(default_factory=dict)            # network kind key -> its fused FileKind, when shipped
     metrics: dict = field(default_factory=dict)          # kind key -> parity, latency, Dice of that file
     extra: dict = field(default_factory=dict)            # the manifest's calibration / validation sections
     engine_files: list = field(default_factory=list)
@@ -235,10 +237,12 @@ def _shipped(run: ExportRun) -> dict:
 
 
 def _validate(run: ExportRun) -> None:
-    """Dice of every ONNX file on the validation volumes, then the --max-dice-drop gate on what ships."""
+    """Dice of every precision on the validation volumes, measured on the model the runtime will run
+    (the fused one where it ships), then the --max-dice-drop gate on what ships."""
     from .validation import VALIDATION_METHOD, evaluate_dice
 
-    models = {key: (run.path(key), kind.precision) for key, kind in run.onnx.items()}
+    models = {key: (run.path(run.fused[key].key), kind.precision, "fused") if key in run.fused
+              else (run.path(key), kind.precision, "network") for key, kind in run.onnx.items()}
     dice = evaluate_dice(models, iter_cases(run.opts.val), run.preprocessing, run.class_names,
                          threads=run.opts.threads, batch_size=run.opts.max_batch)
     for key in run.onnx:
@@ -248,6 +252,53 @@ def _validate(run: ExportRun) -> None:
             check_dice_drop(dice["fp32"], dice[key], run.opts.max_dice_drop, f"{kind.title} ({kind.path()})")
     run.extra["validation"] = {"data": bw.base_name(Path(run.opts.val).resolve()),
                                "max_dice_drop": run.opts.max_dice_drop, "dice": VALIDATION_METHOD}
+
+
+def _agreement_volumes(run: ExportRun):
+    """The volumes the fused models are checked on: the validation volumes, else a synthetic CT."""
+    if run.opts.val is not None:
+        yield from (case.volume for case in iter_cases(run.opts.val))
+        return
+    from regionkd.sdk.bench import synthetic_ct
+    from regionkd.sdk.orientation import to_canonical
+
+    data, affine = synthetic_ct((192, 176, 12))
+    yield to_canonical(data.astype("float32"), affine)
+
+
+def _build_fused(run: ExportRun) -> None:
+    """The fused twin of every shipped ONNX file, checked against the numpy path on every agreement
+    volume; a twin below MIN_AGREEMENT on any volume is left out (the network file still ships)."""
+    from regionkd.train.evaluate import segment_case
+
+    from .fused import MIN_AGREEMENT, build_fused, label_agreement
+    from .validation import onnx_segmenter
+
+    pairs = {}
+    for key, kind in _shipped(run).items():
+        fused = file_kind(f"{key}-fused")
+        build_fused(run.path(key), run.path(fused.key), run.window, run.input_size)
+        pairs[key] = tuple(onnx_segmenter(run.path(k), kind.precision, run.preprocessing, run.class_names,
+                                          run.opts.threads, run.opts.max_batch, graph=g)
+                           for k, g in ((key, "network"), (fused.key, "fused")))
+    agreement = {key: [] for key in pairs}
+    for volume in _agreement_volumes(run):
+        for key, (numpy_path, fused_path) in pairs.items():
+            agreement[key].append(round(label_agreement(segment_case(fused_path, volume),
+                                                        segment_case(numpy_path, volume)), 6))
+    for key, (numpy_path, fused_path) in pairs.items():
+        numpy_path.close()
+        fused_path.close()
+        fused, worst = file_kind(f"{key}-fused"), min(agreement[key])
+        run.metrics[key]["fused"] = {"file": fused.path(), "label_agreement": agreement[key],
+                                     "shipped": worst >= MIN_AGREEMENT}
+        if worst >= MIN_AGREEMENT:
+            run.fused[key] = fused
+        else:
+            run.path(fused.key).unlink()
+            log.warning("%s left out: its labels agree with the numpy path on only %.4f%% of one volume's voxels "
+                        "(at least %.2f%% needed)", fused.path(), 100 * worst, 100 * MIN_AGREEMENT)
+        log.info("%s: label agreement with the numpy path %s", fused.path(), agreement[key])
 
 
 def _engine_dir(run: ExportRun) -> Path:
@@ -310,6 +361,9 @@ def _onnx_entries(run: ExportRun) -> list:
         serves_cpu = key == "int8" and run.int8_for_cpu == "int8"
         fields = {"backends": [*kind.backends, "onnxruntime"]} if serves_cpu else {}
         entries.append(bw.onnx_entry(run.root, kind, **fields))
+        if key in run.fused:
+            entries.append(bw.onnx_entry(run.root, run.fused[key], **fields,
+                                         label_agreement=run.metrics[key]["fused"]["label_agreement"]))
     return entries
 
 
@@ -383,6 +437,7 @@ STEPS = (
     Step("quantize int8 (TensorRT flavour)", partial(_quantize_int8, "int8"), _makes("int8")),
     Step("quantize int8 (CPU flavour)", partial(_quantize_int8, "int8-cpu"), _makes("int8")),
     Step("measure CPU latency", _measure_latency),
+    Step("build fused models", _build_fused, lambda opts: opts.fused, "--no-fused: no fused models"),
     Step("validate (Dice)", _validate, lambda opts: opts.val is not None,
          "no --val: Dice not measured, --max-dice-drop not enforced"),
     Step("build engines", _build_engines, lambda opts: opts.engine != "never"),

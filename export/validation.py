@@ -17,10 +17,12 @@ from regionkd.train.metrics import DiceAccumulator
 
 #: what the manifest's validation section says the Dice is
 VALIDATION_METHOD = ("global per class over all validation volumes, on the masks of the SDK's Segmenter "
-                     "(onnxruntime backend, largest components kept), in each file's own voxel order")
+                     "(onnxruntime backend, the fused model where one ships, largest components kept), in each "
+                     "file's own voxel order")
 
 
-def onnx_segmenter(path, precision: str, preprocessing: dict, class_names, threads=None, batch_size=None):
+def onnx_segmenter(path, precision: str, preprocessing: dict, class_names, threads=None, batch_size=None,
+                   graph: str = "network"):
     """The runtime's Segmenter over an onnxruntime backend of the ONNX file `path`, post-processed as
     `preprocessing` (the bundle's) says. Implausible volumes are segmented, not refused: the
     plausibility checks guard a scanner's input, and must not stop a model being measured on the
@@ -28,7 +30,8 @@ def onnx_segmenter(path, precision: str, preprocessing: dict, class_names, threa
     from regionkd.sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
     from regionkd.sdk.segmenter import Segmenter, organ_labels_of
 
-    backend = OnnxRuntimeBackend.from_model_file(path, precision, threads=threads, batch_size=batch_size)
+    backend = OnnxRuntimeBackend.from_model_file(path, precision, len(class_names), preprocessing["input_size"],
+                                                 threads=threads, batch_size=batch_size, graph=graph)
     return Segmenter.from_backend(backend, preprocessing, class_names,
                                   organ_labels=organ_labels_of(preprocessing, class_names),
                                   batch_size=batch_size, allow_implausible=True)
@@ -36,13 +39,13 @@ def onnx_segmenter(path, precision: str, preprocessing: dict, class_names, threa
 
 def evaluate_dice(models: dict, cases: Iterable, preprocessing: dict, class_names, threads=None,
                   batch_size=None) -> dict:
-    """{model_key: {class_name: Dice}} for every ONNX file in `models` ({key: (path, precision)}), on
+    """{model_key: {class_name: Dice}} for every ONNX file in `models` ({key: (path, precision, graph)}), on
     `cases` (objects with a canonical `volume` and its `label`). Each case is read once and
     segmented once per model."""
     from regionkd.train.evaluate import segment_case
 
-    segmenters = {key: onnx_segmenter(path, precision, preprocessing, class_names, threads, batch_size)
-                  for key, (path, precision) in models.items()}
+    segmenters = {key: onnx_segmenter(path, precision, preprocessing, class_names, threads, batch_size, graph=graph)
+                  for key, (path, precision, graph) in models.items()}
     acc = {key: DiceAccumulator(len(class_names)) for key in segmenters}
     n_cases = 0
     try:

@@ -43,6 +43,9 @@ from .timing import format_timings
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Slices per inference call.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime.")
 @click.option("--no-largest-component", is_flag=True, help="Keep every connected component of the organ.")
+@click.option("--no-fused", is_flag=True,
+              help="Run the network model with the pre- and post-processing in numpy, even where the bundle ships "
+                   "a fused model (window, resizes and argmax inside the graph), which is used by default.")
 @click.option("--preview", type=click.Path(path_type=Path), default=None,
               help="Write a PNG of axial slices through the organ, cropped to the body, with a legend, lesions "
                    "outlined, slice numbers and positions (one per input when several).")
@@ -96,7 +99,7 @@ from .timing import format_timings
 @click.option("-v", "--verbose", is_flag=True, help="Log backend choice and details.")
 @version_option
 def segment(bundle, inputs, output, output_type, statistics, backend, precision, device, batch_size, threads,
-            no_largest_component, preview, reference, report, dicomweb, study, series_uids, dicomweb_timeout,
+            no_largest_component, no_fused, preview, reference, report, dicomweb, study, series_uids, dicomweb_timeout,
             trusted_keys, allow_implausible, axial_axis, max_voxels, num_parts, part_id, ray_address, ray_actors, ray_cpus,
             ray_gpus, no_pipeline, quiet, verbose):
     """Segment CT volumes with the model BUNDLE and write uint8 masks (or DICOM SEG) with each input's geometry.
@@ -119,7 +122,7 @@ def segment(bundle, inputs, output, output_type, statistics, backend, precision,
     segmenter_options = dict(backend=backend, precision=precision, batch_size=batch_size, threads=threads,
                              largest_component=not no_largest_component, trusted_keys=list(trusted_keys),
                              allow_implausible=allow_implausible, axial_axis=axial_axis, max_voxels=max_voxels,
-                             device=device)
+                             device=device, fused=False if no_fused else None)
     if ray_address is not None:
         return _segment_on_ray(bundle, inputs, output, report, ray_address, ray_actors, ray_cpus, ray_gpus, statistics,
                                segmenter_options, num_parts, part_id, quiet)

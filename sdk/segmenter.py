@@ -206,19 +206,22 @@ class Segmenter:
     one of them is loaded. allow_implausible: segment implausible volumes with warnings instead of
     refusing them. axial_axis: the input's voxel axis to slice as axial (default: the closest one).
     max_voxels: larger volumes are refused before their data is read. device: the CUDA device (GPU
-    index) the TensorRT backends run on."""
+    index) the TensorRT backends run on. fused: run the bundle's fused model (pre- and
+    post-processing inside the graph) where the manifest lists one for this precision and backend
+    (None: when there is one; False: the numpy path; True: required)."""
 
     def __init__(self, bundle, backend: str = "auto", precision: str = "fp32", batch_size: int | None = None,
                  threads: int | None = None, largest_component: bool = True, trusted_keys=None,
                  allow_implausible: bool = False, axial_axis: int | None = None,
-                 max_voxels: int | None = DEFAULT_MAX_VOXELS, device: int = 0):
+                 max_voxels: int | None = DEFAULT_MAX_VOXELS, device: int = 0, fused: bool | None = None):
         from .backends import create_backend
 
         self.backend = None
         self.bundle = _verified_bundle(bundle, trusted_keys)
         prep = self.bundle.preprocessing
         organ_labels = organ_labels_of(prep, self.bundle.class_names)
-        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size, device=device)
+        engine = create_backend(backend, self.bundle, precision, threads=threads, batch_size=batch_size, device=device,
+                                fused=fused)
         self._setup(engine, prep, self.bundle.class_names, organ_labels if largest_component else {}, batch_size,
                     allow_implausible, axial_axis, max_voxels)
 
@@ -316,19 +319,8 @@ class Segmenter:
             check_spacing(findings, canonical.spacing, self.trained_spacing)
             warnings = findings.settle(self.allow_implausible)
             hu_slices = volume_to_slices(canonical.data)           # (z, x, y), a view
-        z, x, y = hu_slices.shape
-        labels = np.empty((z, x, y), dtype=np.uint8)
-        gpu_ms = None
-        for start in range(0, z, self.batch_size):
-            stop = min(start + self.batch_size, z)
-            with timer.stage("preprocess"):
-                batch = preprocess_slices(hu_slices[start:stop], self.window, self.input_size)
-            with timer.stage("inference"):
-                logits = self._infer(batch)
-            if self.backend.last_gpu_ms is not None:
-                gpu_ms = (gpu_ms or 0.0) + float(self.backend.last_gpu_ms)
-            with timer.stage("postprocess"):
-                labels[start:stop] = logits_to_labels(logits, (x, y))
+        labels, gpu_ms = self._label_slices(hu_slices, timer)
+        z = hu_slices.shape[0]
         with timer.stage("postprocess"):
             volume = slices_to_volume(labels)
             volume = keep_largest_components(volume, self.organ_labels, len(self.class_names))
@@ -341,6 +333,26 @@ class Segmenter:
                                   obliquity_deg=round(geometry.obliquity_deg, 2), axial_axis=geometry.axial_axis,
                                   spacing_mm=tuple(round(v, 4) for v in canonical.spacing),
                                   bundle_signature=self.bundle_signature)
+
+    def _label_slices(self, hu_slices: np.ndarray, timer: StageTimer):
+        """(z, x, y) uint8 labels of (z, x, y) HU slices, batch by batch, and the GPU ms if measured. A
+        fused backend gets the HU slices as they are (window, resizes and argmax in its model);
+        otherwise they are preprocessed here and the logits resized back and argmaxed here."""
+        z, x, y = hu_slices.shape
+        labels = np.empty((z, x, y), dtype=np.uint8)
+        gpu_ms = None
+        for start in range(0, z, self.batch_size):
+            stop = min(start + self.batch_size, z)
+            with timer.stage("preprocess"):
+                batch = np.ascontiguousarray(hu_slices[start:stop, None], dtype=np.float32) if self.backend.fused \
+                    else preprocess_slices(hu_slices[start:stop], self.window, self.input_size)
+            with timer.stage("inference"):
+                out = self._infer(batch)
+            if self.backend.last_gpu_ms is not None:
+                gpu_ms = (gpu_ms or 0.0) + float(self.backend.last_gpu_ms)
+            with timer.stage("postprocess"):
+                labels[start:stop] = out if self.backend.fused else logits_to_labels(out, (x, y))
+        return labels, gpu_ms
 
     def segment_file(self, input_path, output_path, keep_image: bool = False, axial_axis: int | None = None,
                      output_type: str = "nifti", statistics: bool = False, seg_path=None,

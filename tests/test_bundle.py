@@ -346,8 +346,12 @@ def test_the_file_kinds_table_names_every_precision_backend_and_file(tiny_bundle
     assert bf.BACKENDS == ("onnxruntime", "tensorrt", "tensorrt-rtx")
     assert bf.FILE_FORMATS == ("onnx", "tensorrt-engine", "tensorrt-rtx-engine")
     assert bf.INT8_FLAVOURS == ("tensorrt", "cpu")
-    assert [k.path() for k in bf.ONNX_KINDS] == ["model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx",
-                                                 "model.int8-cpu.onnx"]
+    assert [k.path() for k in bf.NETWORK_KINDS] == ["model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx",
+                                                    "model.int8-cpu.onnx"]
+    assert [bf.fused_kind(k.key).path() for k in bf.NETWORK_KINDS] == [
+        "model.fp32.fused.onnx", "model.fp16.fused.onnx", "model.int8.fused.onnx", "model.int8-cpu.fused.onnx"]
+    assert all(bf.fused_kind(k.key).manifest_fields() == {**k.manifest_fields(), "graph": "fused"}
+               for k in bf.NETWORK_KINDS)
     assert bf.engine_kind("tensorrt").path(version="10.3.0", sm="87", precision="int8") == \
         "engines/trt10.3.0-sm87-int8.engine"
     with pytest.raises(BundleError, match="unknown kind of bundle file 'int4'"):

@@ -329,7 +329,7 @@ def test_validation_dice_is_the_dice_of_the_masks_the_segmenter_gives(exact_bund
                                  label=to_canonical(truth[::-1].copy(), file_affine).data)
     assert np.array_equal(volume.data, hu)               # canonical order is not the file's
     prep = load_bundle(exact_bundle).preprocessing
-    models = {"fp32": (exact_bundle / "model.fp32.onnx", "fp32")}
+    models = {"fp32": (exact_bundle / "model.fp32.onnx", "fp32", "network")}
     dice = evaluate_dice(models, [case], prep, TINY_CLASSES)["fp32"]
     assert dice == {"liver": 1.0, "tumour": 1.0}
     raw = evaluate_dice(models, [case], {**prep, "largest_component_labels": []}, TINY_CLASSES)["fp32"]

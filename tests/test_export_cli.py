@@ -17,7 +17,7 @@ data_mod = pytest.importorskip("regionkd.train.data")
 if not hasattr(data_mod, "open_dataset"):
     pytest.skip("regionkd.train.data.open_dataset (the dataset readers) is not available yet", allow_module_level=True)
 
-from conftest import LIVER, TUMOUR, make_phantom  # noqa: E402
+from conftest import LIVER, TUMOUR, make_phantom, run_main  # noqa: E402
 
 from regionkd.export.cli import main  # noqa: E402
 from regionkd.export.pipeline import ExportOptions, export_bundle  # noqa: E402
@@ -197,7 +197,7 @@ def test_progress_counts_the_steps_the_options_want(data, checkpoint, tmp_path):
     opts = ExportOptions(checkpoint=checkpoint, out=tmp_path / "b", precisions=("fp32",), val=data[1], engine="never")
     names = [step.name for step in export_steps(opts)]
     assert names == ["load checkpoint", "read CT slices", "export fp32 ONNX", "measure CPU latency",
-                     "validate (Dice)", "write manifest"]
+                     "build fused models", "validate (Dice)", "write manifest"]
     export_bundle(opts, progress=lambda *call: calls.append(call))
     total = len(names)
     assert calls == [(name, i, total) for i, name in enumerate(names)] + [("done", total, total)]
@@ -315,3 +315,55 @@ def test_metadata_fields_and_provenance_without_absolute_paths(data, checkpoint,
     assert prov["checkpoint"] == {"name": "student-kd.pt", "sha256": prov["checkpoint"]["sha256"]}
     assert prov["teacher"] == {"name": "teacher.pt", "sha256": "ab" * 32, "arch": "unet"}
     assert prov["data"] == "lits" and prov["unlabelled"] == "more" and m["validation"]["data"] == data[1].name
+
+
+def test_fused_models_ship_agree_with_the_numpy_path_and_are_the_default(exported, data):
+    """Every shipped precision has a fused twin (raw HU in, uint8 labels out) whose labels agree with
+    the numpy path on >= 99.99 % of each validation volume's voxels (recorded in the manifest), and
+    the Segmenter runs it unless told not to."""
+    from regionkd.sdk.segmenter import Segmenter
+
+    bundle = load_bundle(exported)
+    fused = {e["path"]: e for e in bundle.files if e.get("graph") == "fused"}
+    assert {"model.fp32.fused.onnx", "model.fp16.fused.onnx", "model.int8.fused.onnx"} <= set(fused)
+    for entry in fused.values():
+        assert len(entry["label_agreement"]) == 2 and min(entry["label_agreement"]) >= 0.9999, entry
+    cases = sorted(data[1].glob("volume-*.nii"))
+    for precision in ("fp32", "int8"):
+        with Segmenter(bundle, backend="onnxruntime", precision=precision) as default, \
+                Segmenter(bundle, backend="onnxruntime", precision=precision, fused=False) as numpy_path:
+            assert default.backend.fused and not numpy_path.backend.fused
+            assert default.backend.model_path.name.endswith(".fused.onnx")
+            for case in cases:
+                a = np.asarray(default.segment(nib.load(str(case))).mask.dataobj)
+                b = np.asarray(numpy_path.segment(nib.load(str(case))).mask.dataobj)
+                assert np.mean(a == b) >= 0.9999, (precision, case.name)
+
+
+def test_manifest_dice_and_evaluate_agree_with_the_masks_regionkd_segment_writes(exported, data, checkpoint,
+                                                                                tmp_path, capsys):
+    """The Dice a bundle's manifest reports, and the Dice `regionkd-train evaluate` reports for the
+    checkpoint, are the Dice of the masks `regionkd-segment` writes on the same cases."""
+    from regionkd.sdk.cli_segment import main as segment_main
+    from regionkd.train.data import open_dataset
+    from regionkd.train.evaluate import evaluate_checkpoint
+    from regionkd.train.metrics import DiceAccumulator, case_metrics
+
+    ds = open_dataset(data[1])
+    cases = sorted(data[1].glob("volume-*.nii"))
+    code, _, err = run_main(segment_main, [exported, *cases, "-o", tmp_path / "masks", "--backend", "onnxruntime",
+                                           "--precision", "fp32", "-q"], capsys)
+    assert code == 0, err
+    pooled, per_case = DiceAccumulator(3), {}
+    for case in cases:
+        mask = np.asarray(nib.load(str(tmp_path / "masks" / case.name)).dataobj)
+        ref = np.asarray(nib.load(str(case.with_name(case.name.replace("volume", "segmentation")))).dataobj)
+        pooled.add(mask, ref)
+        per_case[case.name] = case_metrics(mask, ref, (1, 1, 1), [1, 2], surface=False)
+    manifest_dice = load_bundle(exported).manifest["metrics"]["fp32"]["dice"]
+    assert manifest_dice == pooled.dice(["background", "liver", "tumour"])          # exactly: the same masks
+    evaluated = evaluate_checkpoint(checkpoint, data[1], case_ids=list(ds.case_ids), metrics=("dice",))
+    for cid, case in zip(sorted(ds.case_ids), cases):
+        for label, name in ((1, "liver"), (2, "tumour")):
+            # PyTorch eager vs the ONNX export: the same pipeline, floating-point differences only
+            assert abs(evaluated["cases"][cid][name]["dice"] - per_case[case.name][label]["dice"]) < 2e-3, (cid, name)

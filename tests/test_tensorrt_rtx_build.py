@@ -89,6 +89,20 @@ def models(tmp_path_factory):
     return {"fp32": fp32, "fp16": fp16, "int8": int8, "root": root}
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_builds_a_real_engine_from_the_fused_model(models, tmp_path, precision):
+    """The fused model (raw HU at any matrix in, uint8 labels out) parses and builds: its Resize,
+    ArgMax and uint8 Cast are ops TensorRT-RTX takes, with a dynamic batch and a dynamic matrix."""
+    from regionkd.export.fused import build_fused
+
+    fused = build_fused(models[precision], tmp_path / f"model.{precision}.fused.onnx", (-100.0, 200.0), (H, W))
+    assert {n.op_type for n in fused.graph.node} >= {"Resize", "ArgMax", "Cast", "Clip"}
+    info = build_engine(tmp_path / f"model.{precision}.fused.onnx", tmp_path / f"rtx-{precision}.fused.engine",
+                        backend="tensorrt-rtx", max_batch=4)
+    assert info.precision == precision
+    assert info.path.stat().st_size > trt.Runtime(trt.Logger(trt.Logger.ERROR)).engine_header_size
+
+
 def test_rtx_is_an_available_builder_here():
     ok, reason = available_builders()["tensorrt-rtx"]
     assert ok and RTX_VERSION in reason

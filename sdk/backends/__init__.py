@@ -40,10 +40,25 @@ def _tensorrt_available(rtx: bool) -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size, device: int = 0):
+def _graph(bundle: Bundle, precision: str, backend: str, fused: bool | None) -> str:
+    """"fused" when asked for (True) or available (None) for this precision and backend."""
+    if fused is False:
+        return "network"
+    if bundle.has_file(precision, backend, graph="fused"):
+        return "fused"
+    if fused:
+        raise BackendError(f"bundle {bundle.root} has no fused {precision} model for {backend}")
+    return "network"
+
+
+def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size, device: int = 0,
+                  fused: bool | None = None):
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(bundle, precision, threads=threads, batch_size=batch_size)
+        return OnnxRuntimeBackend(bundle, precision, threads=threads, batch_size=batch_size,
+                                  graph=_graph(bundle, precision, name, fused))
+    if fused:
+        raise BackendError(f"backend {name} runs the network models; the fused ones run on onnxruntime")
     rtx = name == "tensorrt-rtx"
     ok, reason = _tensorrt_available(rtx)
     if not ok:
@@ -52,9 +67,9 @@ def _create_named(name: str, bundle: Bundle, precision: str, threads, batch_size
 
 
 def create_backend(name: str, bundle, precision: str, threads: int | None = None, batch_size: int | None = None,
-                   device: int = 0):
+                   device: int = 0, fused: bool | None = None):
     """Create the backend `name` (one of BACKENDS) for `precision` of `bundle` (a Bundle or a bundle path);
-    `device`: the CUDA device (GPU index) of the TensorRT backends."""
+    `device`: the CUDA device (GPU index) of the TensorRT backends; `fused`: see Segmenter."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -68,7 +83,7 @@ def create_backend(name: str, bundle, precision: str, threads: int | None = None
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if name != "auto":
-        return _create_named(name, bundle, precision, threads, batch_size, device)
+        return _create_named(name, bundle, precision, threads, batch_size, device, fused)
     for candidate in ("tensorrt", "tensorrt-rtx"):
         ok, reason = _tensorrt_available(candidate == "tensorrt-rtx")
         if not ok:
@@ -82,7 +97,7 @@ def create_backend(name: str, bundle, precision: str, threads: int | None = None
         log.info("auto backend: chose %s (%s)", candidate, reason or "available")
         return backend
     log.info("auto backend: chose onnxruntime (no usable TensorRT or TensorRT-RTX)")
-    return _create_named("onnxruntime", bundle, precision, threads, batch_size)
+    return _create_named("onnxruntime", bundle, precision, threads, batch_size, fused=fused)
 
 
 __all__ = ["BACKENDS", "create_backend"]

@@ -21,10 +21,13 @@ class Backend(ABC):
     max_batch: int = 16             # the most slices one `run` call takes at once
     thread_safe: bool = False       # False: the Segmenter serialises calls with a lock
     last_gpu_ms: float | None = None  # device time of the last `run`, where the backend can measure it
+    fused: bool = False             # runs a fused model: raw HU slices in, uint8 labels out (see run)
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """(n, 1, H, W) float32 slices -> (n, C, H, W) float32 logits."""
+        """(n, 1, H, W) float32 slices -> (n, C, H, W) float32 logits. A fused backend takes the raw
+        HU slices at their native matrix, (n, 1, X, Y) float32, and returns (n, X, Y) uint8 labels:
+        window, resizes, network and argmax all happen inside its model."""
 
     @abstractmethod
     def close(self) -> None:

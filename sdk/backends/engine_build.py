@@ -121,16 +121,33 @@ def _parse_onnx(parser, onnx_path: Path, onnx_bytes: bytes | None = None) -> Non
     raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser refused the model: {detail}")
 
 
+#: the native slice matrices an engine of a fused model accepts (min, opt, max): CT matrices
+#: are 512x512 mostly, 256..1024 in practice
+FUSED_MATRIX = ((32, 32), (512, 512), (1024, 1024))
+
+
 def _network_input(network, onnx_path: Path) -> tuple[str, tuple[int, ...]]:
-    """The single input's name and its (C, H, W), checking the batch axis is dynamic."""
+    """The single input's name and its (C, H, W), checking the batch axis is dynamic. A fused model
+    ((-1, 1, -1, -1): raw HU slices at their native matrix) gives H, W = -1."""
     if network.num_inputs != 1:
         raise EngineBuildError(f"{onnx_path}: expected one input, the model has {network.num_inputs}")
     tensor = network.get_input(0)
     shape = tuple(tensor.shape)
-    if len(shape) != 4 or shape[0] != -1 or min(shape[1:]) < 1:
+    fused = len(shape) == 4 and shape[0] == -1 and shape[1] == 1 and shape[2] == shape[3] == -1
+    if not fused and (len(shape) != 4 or shape[0] != -1 or min(shape[1:]) < 1):
         raise EngineBuildError(f"{onnx_path}: input '{tensor.name}' has shape {shape}; the engine needs "
                                "(-1, C, H, W): a dynamic batch axis and a fixed C, H, W (export with dynamic batch)")
     return tensor.name, shape[1:]
+
+
+def _input_profile(chw, max_batch: int) -> tuple:
+    """(min, opt, max) input shapes: batch 1..max_batch (opt = max: the SDK sends a volume's slices in
+    full batches, only the last is smaller); a fused model's matrix over FUSED_MATRIX."""
+    b = int(max_batch)
+    if chw[1] == -1:
+        (h0, w0), (h1, w1), (h2, w2) = FUSED_MATRIX
+        return (1, chw[0], h0, w0), (b, chw[0], h1, w1), (b, chw[0], h2, w2)
+    return (1, *chw), (b, *chw), (b, *chw)
 
 
 def _graph_precision(trt, network) -> str:
@@ -212,8 +229,7 @@ def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timi
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     profile = builder.create_optimization_profile()
-    # opt = max: the SDK sends a volume's slices in full batches of max_batch; only the last is smaller
-    profile.set_shape(input_name, (1, *chw), (int(max_batch), *chw), (int(max_batch), *chw))
+    profile.set_shape(input_name, *_input_profile(chw, max_batch))
     config.add_optimization_profile(profile)
 
     engine_path = Path(engine_path)

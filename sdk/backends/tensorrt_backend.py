@@ -157,6 +157,7 @@ def select_engine(files: list[dict], *, backend: str, precision: str, trt_versio
 def source_onnx(files: list[dict], backend: str, precision: str) -> dict:
     """The ONNX entry an engine of `precision` is built from (the TensorRT flavour for int8)."""
     candidates = [e for e in files if e.get("format", "onnx") == "onnx" and e["precision"] == precision
+                  and e.get("graph", "network") == "network"
                   and ("tensorrt" in e["backends"] or backend in e["backends"])]
     if not candidates:
         raise BackendError(f"the bundle has no {precision} ONNX file for TensorRT to build an engine from")
