@@ -7,7 +7,7 @@ teacher is trained once per task; every student run (task, student, arm, seed) i
 scratch with the cosine schedule spanning its whole run, scored per case on the test set, and
 compared with its arm's baseline by a paired per-case bootstrap of the seed-mean Dice.
 
-The arms are the lines of inquiry of issue 10, in order:
+The arms are the lines of inquiry, in order:
 - `paper`: the paper's loss (PMD+IMD+RAD at 0.1/0.9/0.9, T=4) and each term alone, against the
   student alone on all labels;
 - `unlabelled`: the student given only L labelled cases (3, 10, all) plus the unlabelled images,

@@ -194,8 +194,8 @@ def test_worker_processes_do_not_change_the_run(data, cache, tmp_path):
 
 def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, capsys,
                                                                               monkeypatch):
-    """Issue 13: before training, the device, the preset and an estimate of the run's length (measured on
-    two steps of a copy of the network); measuring changes nothing in the run."""
+    """Before training, the device, the preset and an estimate of the run's length (measured on two
+    steps of a copy of the network); measuring changes nothing in the run."""
     from regionkd.train.trainer import TrainingRun
 
     opts = {**TINY, "quiet": False}

@@ -1,5 +1,5 @@
-"""The losses of region-aware knowledge distillation (Qin et al., IEEE TMI 2021), as defined in
-DESIGN.md "The distillation losses", plus the segmentation loss (focal + soft Dice).
+"""The losses of region-aware knowledge distillation (Qin et al., IEEE TMI 2021), plus the
+segmentation loss (focal + soft Dice).
 
 All take raw logits / feature maps of shape N x C x H x W and return a scalar tensor."""
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Synthetic abdominal CT phantoms for the liver (LiTS-like) and kidney (KiTS19-like) tasks.
 
 Real LiTS/KiTS19 cannot be downloaded here, so demos, tests and benchmarks run on these. They
-are built to be capacity-limited rather than noise-limited (see ../shared/DESIGN.md): cysts and
-vessels inside the organ that are labelled organ, neighbours touching it at nearly its density,
-a contrast phase that changes per case, tumours that are darker, brighter or rim-enhancing.
+are built to be capacity-limited rather than noise-limited: cysts and vessels inside the organ
+that are labelled organ, neighbours touching it at nearly its density, a contrast phase that
+changes per case, tumours that are darker, brighter or rim-enhancing.
 
 Geometry is in mm, so organ sizes do not depend on the voxel size. The field of view is that of
 a 512-matrix scan at 0.6-0.9 mm; a smaller matrix gets proportionally larger voxels, as if the
