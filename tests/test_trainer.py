@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _training_fixtures import write_phantom_lits
-from regionkd.sdk.errors import InputError
+from regionkd.sdk.errors import InputError, RegionKDError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
 from regionkd.train.config import make_config
@@ -159,6 +159,9 @@ def test_bad_options_and_missing_data(data, cache, tmp_path):
         make_config("distill", "tinynet", tmp_path, tmp_path / "s.pt")
     with pytest.raises(InputError, match="multiple of 32"):
         make_config("student", "tinynet", tmp_path, tmp_path / "s.pt", input_size=100)
+    with pytest.raises(TypeError, match="unknown training options") as err:
+        make_config("student", "tinynet", tmp_path, tmp_path / "s.pt", input_szie=64)
+    assert isinstance(err.value, RegionKDError)
 
 
 def test_presets():

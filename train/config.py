@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from regionkd.sdk.errors import InputError
 
+from .errors import UnknownOptionError
+
 KD_TERMS = ("pmd", "imd", "rad", "pl")
 # The paper's loss (Qin et al.): `--kd pmd,imd,rad --alpha 0.1 --beta1 0.9 --beta2 0.9 --temperature 4`.
 PAPER_KD = dict(kd=("pmd", "imd", "rad"), alpha=0.1, beta1=0.9, beta2=0.9, temperature=4.0, pmd_balance="pixels")
@@ -160,7 +162,7 @@ def make_config(mode: str, arch: str, data, out, preset: str = "paper", **option
     names = set(field_defaults())
     unknown = sorted(set(values) - names)
     if unknown:
-        raise TypeError(f"unknown training options {unknown}")
+        raise UnknownOptionError(f"unknown training options {unknown}")
     return TrainConfig(mode=mode, arch=arch, data=str(data), out=str(out), preset=preset, **values).validate()
 
 

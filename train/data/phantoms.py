@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ..errors import ConfigError
 from .phantom_anatomy import KIDNEY_IDS, LIVER_IDS, T, draw_palette, paint_anatomy
 from .phantom_fields import Canvas, Grid, smooth_field
 from .phantom_lesions import (paint_kidney_cysts, paint_kidney_tumours, paint_liver_tumours,
@@ -144,10 +145,10 @@ def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: in
     `lesion_contrast` scales liver lesions' HU difference to the liver (kidney masses are drawn
     from their own enhancement model and ignore it)."""
     if not lesion_contrast > 0:
-        raise ValueError(f"lesion_contrast must be positive, got {lesion_contrast}")
+        raise ConfigError(f"lesion_contrast must be positive, got {lesion_contrast}")
     get_task(task)
     if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
+        raise ConfigError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
     rng = case_rng(seed, index) if rng is None else rng
     grid = draw_geometry(rng, task, shape)
     pal = draw_palette(rng)

@@ -20,6 +20,7 @@ from regionkd.sdk.atomic import atomic_path, atomic_write_text
 from regionkd.sdk.errors import InputError
 from regionkd.sdk.preprocess import resize_labels_nearest, resize_slices, volume_to_slices, window_and_scale
 
+from ..errors import ConfigError
 from .layouts import open_dataset, open_images
 from .tasks import TASKS
 
@@ -181,7 +182,7 @@ def split_cases(case_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[lis
     are two or more cases and val_fraction > 0. Deterministic for a seed."""
     ids = sorted(set(case_ids))
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(ids) * val_fraction))
     if val_fraction > 0 and len(ids) >= 2:
         n_val = min(max(n_val, 1), len(ids) - 1)
@@ -341,7 +342,7 @@ def lesion_oversampling_sampler(dataset: SliceDataset, lesion_fraction: float = 
     """Sample slices with replacement so that about `lesion_fraction` of them show a lesion
     (uniform when there are no lesion slices, or only lesion slices)."""
     if not 0.0 < lesion_fraction < 1.0:
-        raise ValueError(f"lesion_fraction must be in (0, 1), got {lesion_fraction}")
+        raise ConfigError(f"lesion_fraction must be in (0, 1), got {lesion_fraction}")
     has = np.asarray(dataset.slice_has_lesion, bool)
     n_les, n_all = int(has.sum()), len(has)
     if n_all == 0:
