@@ -163,3 +163,15 @@ def test_pinned_cases_keep_every_voxel(task, shape, seed, index, min_lesion_mm, 
     (with the numpy and scipy of constraints.txt), so a refactor that draws in another order shows."""
     p = generate_phantom(task, shape, seed=seed, index=index, min_lesion_mm=min_lesion_mm, lesion_contrast=contrast)
     assert _digest(p) == digest
+
+
+def test_write_phantoms_reports_each_case(tmp_path):
+    """The writer behind `regionkd-train phantoms` and the benchmarks: one progress call per case."""
+    from regionkd.train.data.phantoms import write_phantoms
+
+    done = []
+    written = write_phantoms(tmp_path / "msd", "kidney", "msd", cases=2, shape=(16, 16, 8), progress=done.append)
+    assert done == [1, 1] and written["layout"] == "msd" and len(written["case_ids"]) == 2
+    assert (tmp_path / "msd" / "dataset.json").is_file()
+    images = write_phantoms(tmp_path / "plain", cases=1, shape=(16, 16, 8), images_only=True)
+    assert images["layout"] == "lits" and sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["ct-0000.nii.gz"]

@@ -170,3 +170,32 @@ def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: in
     info = {"task": task, "spacing_mm": list(grid.spacing), "phase": pal["phase"], "liver_hu": pal["liver"],
             "kidney_cortex_hu": pal["cortex"], "tumours": tumours, **noise_info}
     return Phantom(task=task, hu=hu, label=label, tissue=canvas.tissue, affine=grid.affine, info=info)
+
+
+def write_phantoms(out, task: str = "liver", layout: str | None = None, cases: int = 4, seed: int = 0,
+                   shape=DEFAULT_SHAPE, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0,
+                   images_only: bool = False, progress=None) -> dict:
+    """Write `cases` phantoms (case i drawn from (seed, i)) to `out` in a public dataset's layout
+    (default: lits for liver, kits19 for kidney), or with `images_only` as a plain folder of CT
+    images without labels. The dataset is built in a temporary folder and then replaces `out`.
+    `progress(1)` after each case. Returns {"layout", "case_ids", "tumours"}."""
+    from regionkd.sdk.atomic import atomic_directory
+
+    from .layouts import write_case, write_dataset_json, write_image
+
+    layout = layout or ("kits19" if task == "kidney" else "lits")
+    ids, tumours = [], 0
+    with atomic_directory(out, overwrite=True) as tmp:
+        for i in range(cases):
+            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm,
+                                 lesion_contrast=lesion_contrast)
+            if images_only:
+                ids.append(write_image(tmp / f"ct-{i:04d}.nii.gz", layout, p.hu, p.affine))
+            else:
+                ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
+            tumours += len(p.info["tumours"])
+            if progress is not None:
+                progress(1)
+        if layout == "msd" and not images_only:
+            write_dataset_json(tmp, task, ids, description=f"regionkd phantoms, seed {seed}, shape {shape}")
+    return {"layout": layout, "case_ids": ids, "tumours": tumours}
