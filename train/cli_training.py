@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from regionkd.sdk.console import progress_bar
+
 from .config import KD_ON, PMD_BALANCES, PRESETS, field_defaults
 
 _default = field_defaults().__getitem__   # click option defaults: the training defaults' one table
@@ -144,8 +146,8 @@ def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
     per case and mean per class, in each file's own orientation and spacing."""
     from regionkd.sdk.atomic import atomic_write_text
 
-    from .evaluate import evaluate_checkpoint, format_table
-    from .trainer import resolve_device
+    from .evaluate import count_cases, evaluate_checkpoint, format_table
+    from .processes import resolve_device
 
     if cases == "all":
         from .data import open_dataset
@@ -153,8 +155,10 @@ def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
         case_ids = list(open_dataset(data).case_ids)
     else:
         case_ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
-    result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=str(resolve_device(device)),
-                                 batch_size=batch_size, progress=not quiet)
+    device = str(resolve_device(device))
+    with progress_bar(total=count_cases(ckpt, data, case_ids), desc="evaluate", unit="case", quiet=quiet) as bar:
+        result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=device, batch_size=batch_size,
+                                     progress=bar.update)
     click.echo(format_table(result))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
