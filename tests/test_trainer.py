@@ -1,6 +1,7 @@
 """The training loop on tiny phantoms (64x64 slices, a few steps): teacher, student and
 distillation end to end, the loss formula, repeatability, resume, clear errors."""
 import json
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
 from regionkd.train.config import make_config
 from regionkd.train.distill_loss import DistillLoss, teacher_targets
-from regionkd.train.trainer import load_teacher, train
+from regionkd.train.teacher import load_teacher
+from regionkd.train.trainer import train
 
 TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
             quiet=True)   # 3 steps per epoch
@@ -180,7 +182,9 @@ def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     run_cli(teacher, ["--data", str(data), "--out", str(out), "--arch", "tinynet", "--preset", "demo",
                       "--input-size", "64", "--batch-size", "2", "--max-steps", "1", "--cache-dir", cache])
-    assert "validation Dice" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "validation Dice" in shown.out
+    assert "teacher tinynet on cpu (1 process), preset demo: 64 px" in shown.err   # the run's plan, logged
     assert load_checkpoint(out)["train_state"]["step"] == 1
     with pytest.raises(SystemExit) as exc:
         run_cli(teacher, ["--data", str(tmp_path / "missing"), "--out", str(out), "--quiet"])
@@ -195,15 +199,17 @@ def test_worker_processes_do_not_change_the_run(data, cache, tmp_path):
     assert a["params_sha256"] == b["params_sha256"]
 
 
-def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, capsys,
+def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, caplog,
                                                                               monkeypatch):
     """Before training, the device, the preset and an estimate of the run's length (measured on two
-    steps of a copy of the network); measuring changes nothing in the run."""
+    steps of a copy of the network) are logged; measuring changes nothing in the run."""
     from regionkd.train.trainer import TrainingRun
 
+    caplog.set_level(logging.INFO, logger="regionkd.train")
     opts = {**TINY, "quiet": False}
     loud = train(make_config("student", "tinynet", data, tmp_path / "loud.pt", cache_dir=cache, seed=5, **opts))
-    err = capsys.readouterr().err
+    err = caplog.text
+    caplog.clear()
     assert "student tinynet on cpu (1 process), preset demo: 64 px, batch 4, 1 epochs x 3 steps" in err
     assert "3 steps to go at about" in err and "s/step (measured here): about" in err
     start = [r for r in read_log(tmp_path / "loud.pt") if r["event"] == "start"][0]
@@ -215,4 +221,5 @@ def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(d
     monkeypatch.undo()
     paper = {**opts, "preset": "paper", "max_steps": 1}
     train(make_config("student", "tinynet", data, tmp_path / "paper.pt", cache_dir=cache, **paper))
-    assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in capsys.readouterr().err
+    assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in caplog.text
+
