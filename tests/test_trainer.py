@@ -223,3 +223,27 @@ def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(d
     train(make_config("student", "tinynet", data, tmp_path / "paper.pt", cache_dir=cache, **paper))
     assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in caplog.text
 
+
+def test_validation_dice_is_the_pooled_dice_of_the_argmax(data, cache):
+    """validate() counts with metrics.DiceAccumulator; the same numbers by one-hot sums in torch."""
+    import numpy as np
+
+    from regionkd.train.data.slices import SliceCache, SliceDataset
+    from regionkd.train.models import create_model
+    from regionkd.train.processes import Proc
+    from regionkd.train.validation import validate
+
+    ds = SliceDataset(SliceCache.build(data, f"{cache}-val", input_size=(64, 64)), augment=False)
+    names = ["background", "liver", "tumour"]
+    torch.manual_seed(5)
+    net = create_model("tinynet", 3).eval()
+    cfg = make_config("student", "tinynet", data, "unused.pt", **{**TINY, "val_max_slices": 25})
+    idx = np.unique(np.linspace(0, len(ds) - 1, 25).round().astype(int))
+    with torch.no_grad():
+        pred = torch.cat([net(torch.stack([ds[int(i)][0] for i in idx[k:k + 4]])).argmax(1) for k in range(0, len(idx), 4)])
+    ref = torch.stack([ds[int(i)][1] for i in idx])
+    p1, r1 = (torch.nn.functional.one_hot(t, 3).flatten(0, 2).double() for t in (pred, ref))
+    inter, size = (p1 * r1).sum(0), p1.sum(0) + r1.sum(0)
+    expected = {names[k]: None if size[k] == 0 else round(float(2 * inter[k] / size[k]), 6) for k in (1, 2)}
+    assert validate(net, ds, cfg, names, Proc()) == expected
+    assert any(v for v in expected.values())          # not only empty classes
