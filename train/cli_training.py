@@ -1,19 +1,13 @@
-"""`regionkd-train teacher | student | distill | evaluate`.
-
-The commands draw the progress bars (`regionkd.sdk.console.progress_bar`) and show the training
-library's messages (logger `regionkd.train`, INFO) on stderr, through the bar so that a terminal
-bar is redrawn below them; the root logger is left as it is.
-"""
+"""`regionkd-train teacher | student | distill | evaluate`: the commands draw the progress bars
+(`regionkd.sdk.console.progress_bar`) and show the training library's messages (messages.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 from pathlib import Path
 
 import click
 
-from regionkd.sdk.console import echo, progress_bar
+from regionkd.sdk.console import progress_bar
 
 from .config import KD_ON, PMD_BALANCES, PRESETS, field_defaults
 
@@ -55,31 +49,6 @@ def shared_training_options(fn):
     return fn
 
 
-class _Messages(logging.Handler):
-    """regionkd.train's log records as plain lines on stderr, through `bar` once there is one."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.bar = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        echo(self.format(record), bar=self.bar, err=True)
-
-
-@contextlib.contextmanager
-def _messages(quiet: bool):
-    """Show the training library's INFO messages while the command runs (warnings only when quiet)."""
-    logger = logging.getLogger("regionkd.train")
-    handler, level = _Messages(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def _step_updates(bar):
     """The trainer's progress callback drawn on `bar`: steps done, and its status beside them."""
     def update(n: int, status: str | None = None) -> None:
@@ -92,6 +61,7 @@ def _step_updates(bar):
 
 def _run(mode: str, arch: str, opts: dict, **extra) -> None:
     from .config import make_config
+    from .messages import show_messages
     from .trainer import training_run
 
     quiet = opts["quiet"]
@@ -102,7 +72,7 @@ def _run(mode: str, arch: str, opts: dict, **extra) -> None:
         mode, arch, opts["data"], opts["out"], preset=opts["preset"], seed=opts["seed"], device=opts["device"],
         workers=opts["workers"], amp=not opts["no_amp"], resume=opts["resume"], quiet=quiet,
         **{k: v for k, v in given.items() if v is not None})
-    with _messages(quiet) as messages, training_run(cfg) as run:
+    with show_messages(quiet) as messages, training_run(cfg) as run:
         with progress_bar(total=run.target_steps, initial=run.step, desc=f"{mode} {arch}", unit="step",
                           quiet=quiet or not run.proc.is_main) as bar:
             messages.bar = bar
