@@ -42,7 +42,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from regionkd.train.config import PAPER_KD  # noqa: E402  (light: no torch)
+from regionkd.train.config import PAPER_KD, PRESETS as TRAIN_PRESETS  # noqa: E402  (light: no torch)
 
 LINES = ("paper", "unlabelled", "weighted", "stride")
 
@@ -135,7 +135,7 @@ class Preset:
     plan: tuple                       # (network, arm name, seeds) of each task
     teacher: str = "unet"
     val_fraction: float = 0.25
-    lr: float = 2e-3
+    lr: float | None = None           # None: the trainer preset's
     trainer_preset: str = "demo"
     needs_gpu: bool = False
     data_seed: int = 2021
@@ -145,6 +145,10 @@ class Preset:
     lesion_contrast: float = 1.0
     unlabelled_batch: int | None = None
     eval_metrics: tuple = ("dice",)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else TRAIN_PRESETS[self.trainer_preset]["lr"]
 
 
 def _plan(*groups):
@@ -235,7 +239,7 @@ class Runner:
         p = self.p
         return make_config(mode, arch, self.data, out, preset=p.trainer_preset,
                            epochs=math.ceil(steps / self.steps_per_epoch), max_steps=steps, batch_size=p.batch_size,
-                           input_size=p.input_size, lr=p.lr, samples_per_epoch=p.samples_per_epoch,
+                           input_size=p.input_size, lr=p.learning_rate, samples_per_epoch=p.samples_per_epoch,
                            val_max_slices=None, val_fraction=p.val_fraction, seed=seed, device=self.device,
                            resume=True, cache_dir=str(self.cache), quiet=not self.verbose, log_every=10, **extra)
 
@@ -620,8 +624,8 @@ def protocol_lines(p: Preset, preset: str, rows: list, wall_s: float, missing: l
         f"{p.data_seed}; {int(round(p.val_fraction * 100))}% of them only for the learning curves), {p.test_cases} "
         f"test phantoms (seed {p.test_seed}) that only score, {p.unlabelled_cases} phantoms written as images without "
         f"labels (seed {p.unlabelled_seed}). {p.input_size}x{p.input_size} slices, batch {p.batch_size}"
-        f"{f' + {p.unlabelled_batch or p.batch_size} unlabelled'} per step in the unlabelled arms, Adam lr {p.lr:g} "
-        f"with a cosine to 0 over each run: students {p.student_steps} steps, teacher {p.teacher} {p.teacher_steps} "
+        f"{f' + {p.unlabelled_batch or p.batch_size} unlabelled'} per step in the unlabelled arms, Adam lr "
+        f"{p.learning_rate:g} with a cosine to 0 over each run: students {p.student_steps} steps, teacher {p.teacher} {p.teacher_steps} "
         f"steps ({steps_per_epoch} steps per epoch; validation Dice after every epoch). Training time summed over the "
         f"runs (from their logs): {sum(r.get('train_seconds') or 0 for r in rows) / 60:.1f} min; this invocation's "
         f"wall time {wall_s:.0f} s (runs found on disk are read back, not repeated).", ""]

@@ -10,7 +10,7 @@ from _training_fixtures import write_phantom_lits
 from regionkd.sdk.errors import InputError, RegionKDError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
-from regionkd.train.config import make_config
+from regionkd.train.config import KD_WEIGHTS, PAPER_KD, PRESETS, field_defaults, make_config
 from regionkd.train.distill_loss import DistillLoss, teacher_targets
 from regionkd.train.teacher import load_teacher
 from regionkd.train.trainer import train
@@ -173,6 +173,10 @@ def test_presets():
     demo_s = make_config("distill", "enet", "d", "o.pt", preset="demo", teacher="t.pt")
     assert demo_t.input_size == demo_s.input_size == 96 and (demo_t.epochs, demo_s.epochs) == (12, 16)
     assert make_config("student", "enet", "d", "o.pt", preset="demo", epochs=2).epochs == 2
+    # one table: TrainConfig's defaults are the paper preset's sizes and the default KD weights
+    defaults = field_defaults()
+    assert {k: defaults[k] for k in PRESETS["paper"]} == PRESETS["paper"] and defaults["preset"] == "paper"
+    assert {k: defaults[k] for k in KD_WEIGHTS["default"]} == KD_WEIGHTS["default"] != PAPER_KD
 
 
 def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
