@@ -111,7 +111,8 @@ def score_case(segmenter, case, class_names, metrics=METRIC_NAMES) -> dict:
     canonical = case.volume
     pred = segment_case(segmenter, canonical)
     ref = canonical.to_original(np.asarray(case.label))
-    per_label = case_metrics(pred, ref, canonical.original_spacing, labels, surface=bool({"assd", "hd95"} & set(metrics)))
+    surface = bool({"assd", "hd95"} & set(metrics))
+    per_label = case_metrics(pred, ref, canonical.original_spacing, labels, surface=surface)
     rows = {}
     for lab in labels:
         row = {m: _as_float(per_label[lab][m]) for m in METRIC_NAMES}

@@ -13,14 +13,6 @@ from .config import TrainConfig
 from .processes import Proc
 
 
-def task_info(task_name: str):
-    """(class_names, window) of a task (regionkd.train.data.tasks)."""
-    from .data.tasks import get_task
-
-    task = get_task(task_name)
-    return list(task.class_names), [float(v) for v in task.window]
-
-
 def labelled_subset(train_ids: list[str], n: int | None, seed: int) -> list[str]:
     """`n` of the training cases, the same for every run seed (drawn with the split seed)."""
     if n is None:
@@ -39,22 +31,20 @@ class RunData:
     train_ids: list
     train_ds: object
     val_ds: object
-    slice_caches: list
     unlabelled_ds: object = None
-    unlabelled_ids: list | None = None
     spacing: dict | None = None     # voxel-size range of the training cases (the bundle's preprocessing.spacing)
 
 
 def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
     """The slice caches (built by rank 0), the case split, and the datasets of a run."""
-    from .data import open_dataset
+    from .data import get_task, open_dataset
     from .data.slices import SliceCache, SliceDataset, split_cases
 
     data_root = Path(cfg.data)
     if not data_root.is_dir():
         raise InputError(f"--data {data_root}: not a directory")
     ds = open_dataset(data_root)
-    class_names, window = task_info(ds.task)
+    class_names = list(get_task(ds.task).class_names)
     size = (cfg.input_size, cfg.input_size)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / f"slice-cache-{cfg.input_size}"
     u_dir = cache_dir.with_name(cache_dir.name + "-unlabelled")
@@ -64,7 +54,7 @@ def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
             SliceCache.build_unlabelled(cfg.unlabelled, u_dir, ds.task, window=cache.window, input_size=size)
     proc.barrier()
     cache = SliceCache.open(cache_dir)
-    window = [float(v) for v in cache.window]
+    window = [float(v) for v in cache.window]      # the task's HU window, as the cache applied it
     train_ids, val_ids = split_cases(list(ds.case_ids), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     if not train_ids:
         raise InputError(f"--data {data_root}: no training cases after the validation split")
@@ -73,8 +63,7 @@ def open_run_data(cfg: TrainConfig, proc: Proc) -> RunData:
     val_ds = SliceDataset(cache, val_ids, augment=False) if val_ids else None
     if len(train_ds) == 0:
         raise InputError(f"--data {data_root}: the training cases hold no slices")
-    rd = RunData(ds.task, class_names, window, train_ids, train_ds, val_ds, [cache_dir],
-                 spacing=cache.spacing_range(train_ids))
+    rd = RunData(ds.task, class_names, window, train_ids, train_ds, val_ds, spacing=cache.spacing_range(train_ids))
     if cfg.unlabelled:
         _add_unlabelled(rd, cfg, u_dir)
     return rd
@@ -85,7 +74,5 @@ def _add_unlabelled(rd: RunData, cfg: TrainConfig, u_dir: Path) -> None:
 
     u_cache = SliceCache.open(u_dir)
     rd.unlabelled_ds = UnlabelledSliceDataset(u_cache, augment=cfg.augment_unlabelled)
-    rd.unlabelled_ids = u_cache.case_ids
-    rd.slice_caches.append(u_dir)
     if len(rd.unlabelled_ds) == 0:
         raise InputError(f"--unlabelled {cfg.unlabelled}: the images hold no slices")

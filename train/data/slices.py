@@ -233,7 +233,6 @@ def _orient(x, combo):
 
 
 ORIENTATION_IDS, ORIENTATIONS = _orientation_table()
-NUM_ORIENTATIONS = len(ORIENTATIONS)   # 8
 
 
 def orient(x, orientation: int):
