@@ -27,8 +27,8 @@ DONE_MARKER = ".done"
 def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int], seed: int,
                          layout: str | None = None, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0,
                          images_only: bool = False) -> Path:
-    """A phantom dataset written by `regionkd-train phantoms` (called in-process), reused when a
-    previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time.
+    """A phantom dataset written as `regionkd-train phantoms` writes it (`write_phantoms`), reused
+    when a previous run finished it (`.done` marker). Fixed seed: the benchmark is the same every time.
     `images_only`: a plain folder of CT images without labels (stand-in for unannotated scans)."""
     root = Path(root)
     layout = layout or ("kits19" if task == "kidney" else "lits")
@@ -45,15 +45,11 @@ def make_phantom_dataset(root: Path, task: str, cases: int, shape: Sequence[int]
             return root
         raise InputError(f"{root}: holds another phantom dataset ({marker.read_text().strip()}); "
                          f"remove it or pick another --work directory")
-    from regionkd.train.cli_phantoms import phantoms
+    from regionkd.train.data.phantoms import write_phantoms
 
     # no marker: nothing there, or a dataset of an interrupted run (generation is atomic, the marker not)
-    args = [str(root), "--task", task, "--layout", layout, "--cases", str(cases), "--seed", str(seed),
-            "--shape", ",".join(str(int(v)) for v in shape), "--min-lesion-mm", str(float(min_lesion_mm)),
-            "--lesion-contrast", str(float(lesion_contrast)), "--overwrite", "--quiet"]
-    if images_only:
-        args.append("--images-only")
-    phantoms.main(args=args, standalone_mode=False)
+    write_phantoms(root, task, layout, int(cases), int(seed), tuple(int(v) for v in shape),
+                   min_lesion_mm=float(min_lesion_mm), lesion_contrast=float(lesion_contrast), images_only=images_only)
     atomic_write_text(marker, json.dumps(wanted))
     return root
 

@@ -50,8 +50,6 @@ def step_times_and_misses(log: Path, skip: int) -> tuple[list[float], int]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def main(task, arms, student, steps, rounds, work, results, quiet):
     """Median step time of each arm (warm teacher cache) and its ratio to the plain student's."""
-    from tqdm import tqdm
-
     from regionkd.sdk.errors import InputError
 
     names = [a.strip() for a in arms.split(",") if a.strip()]
@@ -65,34 +63,8 @@ def main(task, arms, student, steps, rounds, work, results, quiet):
         raise InputError(f"{runner.dir}: no teacher or teacher cache; run benchmarks/kd_ablation.py --preset cpu "
                          f"--tasks {task} first")
     machine = C.machine_description(threads=K._torch_threads())
-    times: dict[str, list[float]] = {a: [] for a in names}
-    filled: dict[str, int] = {a: 0 for a in names}
-    with tempfile.TemporaryDirectory(prefix="regionkd-stepcost-") as tmp:
-        bar = tqdm(total=rounds * len(names), desc="step cost", unit="run", disable=quiet)
-        for k in range(rounds):
-            for a in names:
-                # the ablation's data, slice cache and teacher cache; checkpoints and logs in tmp
-                out = Path(tmp) / f"{a}-{k}"
-                out.mkdir()
-                ckpt = runner.student(student, K.ARMS[a], 0, teacher, out_dir=out)
-                t, misses = step_times_and_misses(ckpt.with_name(ckpt.stem + ".log.jsonl"), skip=10)
-                times[a] += t
-                filled[a] += misses
-                bar.update(1)
-        bar.close()
-
-    def slices(a):  # slices through the student per step
-        return p.batch_size + ((p.unlabelled_batch or p.batch_size) if K.ARMS[a].unlabelled else 0)
-
-    ref = statistics.median(times[names[0]])
-    rows = []
-    for a in names:
-        med = statistics.median(times[a])
-        rows.append({"task": task, "student": student, "arm": a, "setting": K.ARMS[a].weights,
-                     "data": K.ARMS[a].data, "steps": steps, "rounds": rounds, "slices_per_step": slices(a),
-                     "step_s_median": round(med, 4), "ratio": round(med / ref, 3),
-                     "ratio_per_slice": round(med / slices(a) / (ref / slices(names[0])), 3),
-                     "teacher_outputs_computed": filled[a]})
+    times, filled = measure(runner, names, student, teacher, rounds, quiet)
+    rows = cost_rows(p, task, student, names, steps, rounds, times, filled)
     table = C.markdown_table(["arm", "data", "distillation", "slices per step", "median step (s)",
                               f"× `{names[0]}` per step", "per slice", "teacher outputs computed"],
                              [[f"`{r['arm']}`", r["data"], r["setting"], r["slices_per_step"],
@@ -105,6 +77,44 @@ def main(task, arms, student, steps, rounds, work, results, quiet):
                     f"outputs its cache holds (`teacher outputs computed`: cache misses).", "", table, ""])
     C.echo_results(md, C.write_results("distill_step_cost", rows, md, None, results), quiet)
     return 0
+
+
+def measure(runner, names: list, student: str, teacher: Path, rounds: int, quiet: bool) -> tuple[dict, dict]:
+    """({arm: step times}, {arm: teacher outputs computed}) of `rounds` turns of each arm, taking turns."""
+    from regionkd.sdk.console import progress_bar
+
+    times: dict[str, list[float]] = {a: [] for a in names}
+    filled: dict[str, int] = {a: 0 for a in names}
+    with tempfile.TemporaryDirectory(prefix="regionkd-stepcost-") as tmp, \
+            progress_bar(total=rounds * len(names), desc="step cost", unit="run", quiet=quiet) as bar:
+        for k in range(rounds):
+            for a in names:
+                # the ablation's data, slice cache and teacher cache; checkpoints and logs in tmp
+                out = Path(tmp) / f"{a}-{k}"
+                out.mkdir()
+                ckpt = runner.student(student, K.ARMS[a], 0, teacher, out_dir=out)
+                t, misses = step_times_and_misses(ckpt.with_name(ckpt.stem + ".log.jsonl"), skip=10)
+                times[a] += t
+                filled[a] += misses
+                bar.update(1)
+    return times, filled
+
+
+def cost_rows(p, task: str, student: str, names: list, steps: int, rounds: int, times: dict, filled: dict) -> list:
+    """One row per arm: median step time, and its ratio to the first arm's per step and per slice."""
+    def slices(a):  # slices through the student per step
+        return p.batch_size + ((p.unlabelled_batch or p.batch_size) if K.ARMS[a].unlabelled else 0)
+
+    ref = statistics.median(times[names[0]])
+    rows = []
+    for a in names:
+        med = statistics.median(times[a])
+        rows.append({"task": task, "student": student, "arm": a, "setting": K.ARMS[a].weights,
+                     "data": K.ARMS[a].data, "steps": steps, "rounds": rounds, "slices_per_step": slices(a),
+                     "step_s_median": round(med, 4), "ratio": round(med / ref, 3),
+                     "ratio_per_slice": round(med / slices(a) / (ref / slices(names[0])), 3),
+                     "teacher_outputs_computed": filled[a]})
+    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ teacher is trained once per task; every student run (task, student, arm, seed) i
 scratch with the cosine schedule spanning its whole run, scored per case on the test set, and
 compared with its arm's baseline by a paired per-case bootstrap of the seed-mean Dice.
 
-The arms are the lines of inquiry of issue 10, in order:
+The arms are the lines of inquiry, in order:
 - `paper`: the paper's loss (PMD+IMD+RAD at 0.1/0.9/0.9, T=4) and each term alone, against the
   student alone on all labels;
 - `unlabelled`: the student given only L labelled cases (3, 10, all) plus the unlabelled images,
@@ -34,7 +34,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -42,7 +42,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from regionkd.train.config import PAPER_KD  # noqa: E402  (light: no torch)
+from regionkd.train.config import PAPER_KD, PRESETS as TRAIN_PRESETS  # noqa: E402  (light: no torch)
 
 LINES = ("paper", "unlabelled", "weighted", "stride")
 
@@ -135,7 +135,7 @@ class Preset:
     plan: tuple                       # (network, arm name, seeds) of each task
     teacher: str = "unet"
     val_fraction: float = 0.25
-    lr: float = 2e-3
+    lr: float | None = None           # None: the trainer preset's
     trainer_preset: str = "demo"
     needs_gpu: bool = False
     data_seed: int = 2021
@@ -145,6 +145,10 @@ class Preset:
     lesion_contrast: float = 1.0
     unlabelled_batch: int | None = None
     eval_metrics: tuple = ("dice",)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else TRAIN_PRESETS[self.trainer_preset]["lr"]
 
 
 def _plan(*groups):
@@ -235,7 +239,7 @@ class Runner:
         p = self.p
         return make_config(mode, arch, self.data, out, preset=p.trainer_preset,
                            epochs=math.ceil(steps / self.steps_per_epoch), max_steps=steps, batch_size=p.batch_size,
-                           input_size=p.input_size, lr=p.lr, samples_per_epoch=p.samples_per_epoch,
+                           input_size=p.input_size, lr=p.learning_rate, samples_per_epoch=p.samples_per_epoch,
                            val_max_slices=None, val_fraction=p.val_fraction, seed=seed, device=self.device,
                            resume=True, cache_dir=str(self.cache), quiet=not self.verbose, log_every=10, **extra)
 
@@ -543,76 +547,92 @@ def _narrow(preset: Preset, tasks, students, arms, seeds) -> Preset:
               "(default: work/benchmarks/kd_ablation-<preset>); reused on the next run.")
 @click.option("--results", type=click.Path(path_type=Path), default=C.RESULTS_DIR, show_default=True,
               help="Where the JSON, Markdown and PNG go.")
-@click.option("--verbose", "-v", is_flag=True, help="Show the trainer's own progress bars.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the trainer's messages (each run's plan and length).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def main(preset, tasks, students, arms, seeds, train_only, report_only, device, work, results, verbose, quiet):
     """Train the teacher and every (network, arm, seed) of the plan on phantoms, score them on the
     held-out test phantoms, and write benchmarks/results/kd_ablation-<preset>.{json,md,png}."""
-    from tqdm import tqdm
-
     p = _narrow(PRESETS[preset], tasks, students, arms, seeds)
     device = device or ("cuda" if p.needs_gpu else "cpu")
     if device.startswith("cuda") and not _cuda_available():
         click.echo(f"kd_ablation --preset {preset}: training at this size needs a CUDA GPU and there is none here; "
                    f"skipping (pass --device cpu to force it, or use --preset cpu).", err=True)
         return 0
+    if train_only and report_only:
+        raise click.UsageError("--train-only and --report-only exclude each other")
     work = Path(work or C.WORK_DIR / f"kd_ablation-{preset}")
     machine = C.machine_description(threads=_torch_threads())
     command = C.command_line("benchmarks/kd_ablation.py", click.get_current_context())
     t0 = time.perf_counter()
     runs = list(dict.fromkeys((net, ARMS[arm], seed) for net, arm, seeds_ in p.plan for seed in seeds_))
-    if train_only and report_only:
-        raise click.UsageError("--train-only and --report-only exclude each other")
-    rows, missing = [], []
-    bar = tqdm(total=len(p.tasks) * (len(runs) + 2), desc=f"kd_ablation {preset}", unit="run", disable=quiet)
-    for task in p.tasks:
-        runner = Runner(p, task, work, device, verbose)
-        bar.set_postfix_str(f"{task}: phantoms")
-        if not report_only:
-            runner.prepare()
-        bar.update(1)
-        bar.set_postfix_str(f"{task}: teacher {p.teacher}")
-        # a run trained here is finished when train() returns; only --report-only has to look
-        t_ckpt = runner.teacher_ckpt() if report_only else runner.teacher()
-        if report_only and not runner.finished(t_ckpt):
-            missing.append(f"{task}: teacher {p.teacher}")
-            bar.update(len(runs) + 1)
-            continue
-        rows.append(runner.row(t_ckpt, p.teacher, "teacher", None, 0))
-        bar.update(1)
-        for net, arm, seed in runs:
-            bar.set_postfix_str(f"{task}: {net} {arm.name} seed {seed}")
-            ckpt = (runner.student_ckpt(net, arm, seed) if report_only
-                    else runner.student(net, arm, seed, t_ckpt))
-            if not report_only or runner.finished(ckpt):
-                rows.append(runner.row(ckpt, net, "student", arm, seed))
-            else:
-                missing.append(f"{task}: {net} {arm.name} seed {seed}")
-            bar.update(1)
-    bar.close()
+    rows, missing = run_plan(p, runs, work, device, verbose, quiet, report_only, desc=f"kd_ablation {preset}")
     if train_only:
         return 0
     if not rows:
         raise click.ClickException(f"{work}: no finished run to report")
     an = analyse(rows)
+    md = markdown_report(f"Distillation ablation on phantoms ({preset})", an, command, machine,
+                         protocol_lines(p, preset, rows, time.perf_counter() - t0, missing))
+    paths = C.write_results(f"kd_ablation-{preset}", rows, md, chart(an), results)
+    C.echo_results(md, paths, quiet)
+    return 0
+
+
+def run_plan(p: Preset, runs: list, work: Path, device: str, verbose: bool, quiet: bool, report_only: bool,
+             desc: str) -> tuple[list, list]:
+    """Per task: the phantoms, the teacher and every (network, arm, seed) run, trained unless
+    `report_only`, and scored. Returns (rows, the runs of the plan not finished yet)."""
+    from regionkd.sdk.console import progress_bar
+    from regionkd.train.messages import show_messages
+
+    rows, missing = [], []
+    with show_messages(quiet=not verbose) as messages, \
+            progress_bar(total=len(p.tasks) * (len(runs) + 2), desc=desc, unit="run", quiet=quiet) as bar:
+        messages.bar = bar
+        for task in p.tasks:
+            runner = Runner(p, task, work, device, verbose)
+            bar.set_postfix_str(f"{task}: phantoms")
+            if not report_only:
+                runner.prepare()
+            bar.update(1)
+            bar.set_postfix_str(f"{task}: teacher {p.teacher}")
+            # a run trained here is finished when train() returns; only --report-only has to look
+            t_ckpt = runner.teacher_ckpt() if report_only else runner.teacher()
+            if report_only and not runner.finished(t_ckpt):
+                missing.append(f"{task}: teacher {p.teacher}")
+                bar.update(len(runs) + 1)
+                continue
+            rows.append(runner.row(t_ckpt, p.teacher, "teacher", None, 0))
+            bar.update(1)
+            for net, arm, seed in runs:
+                bar.set_postfix_str(f"{task}: {net} {arm.name} seed {seed}")
+                ckpt = runner.student_ckpt(net, arm, seed) if report_only else runner.student(net, arm, seed, t_ckpt)
+                if not report_only or runner.finished(ckpt):
+                    rows.append(runner.row(ckpt, net, "student", arm, seed))
+                else:
+                    missing.append(f"{task}: {net} {arm.name} seed {seed}")
+                bar.update(1)
+        messages.bar = None
+    return rows, missing
+
+
+def protocol_lines(p: Preset, preset: str, rows: list, wall_s: float, missing: list) -> list[str]:
+    """The report's lines on the protocol, the training time and the runs not made yet."""
     steps_per_epoch = max(1, p.samples_per_epoch // p.batch_size)
-    extra_lines = [
+    lines = [
         f"Protocol ({preset}): per task {p.cases} labelled phantoms of {'x'.join(map(str, p.shape))} voxels (seed "
         f"{p.data_seed}; {int(round(p.val_fraction * 100))}% of them only for the learning curves), {p.test_cases} "
         f"test phantoms (seed {p.test_seed}) that only score, {p.unlabelled_cases} phantoms written as images without "
         f"labels (seed {p.unlabelled_seed}). {p.input_size}x{p.input_size} slices, batch {p.batch_size}"
-        f"{f' + {p.unlabelled_batch or p.batch_size} unlabelled'} per step in the unlabelled arms, Adam lr {p.lr:g} "
-        f"with a cosine to 0 over each run: students {p.student_steps} steps, teacher {p.teacher} {p.teacher_steps} "
+        f"{f' + {p.unlabelled_batch or p.batch_size} unlabelled'} per step in the unlabelled arms, Adam lr "
+        f"{p.learning_rate:g} with a cosine to 0 over each run: students {p.student_steps} steps, teacher {p.teacher} {p.teacher_steps} "
         f"steps ({steps_per_epoch} steps per epoch; validation Dice after every epoch). Training time summed over the "
         f"runs (from their logs): {sum(r.get('train_seconds') or 0 for r in rows) / 60:.1f} min; this invocation's "
-        f"wall time {time.perf_counter() - t0:.0f} s (runs found on disk are read back, not repeated).", ""]
+        f"wall time {wall_s:.0f} s (runs found on disk are read back, not repeated).", ""]
     if missing:
-        extra_lines += [f"Not made yet ({len(missing)} runs of the plan; `--report-only` reported what was finished): "
-                        + "; ".join(missing) + ".", ""]
-    md = markdown_report(f"Distillation ablation on phantoms ({preset})", an, command, machine, extra_lines)
-    paths = C.write_results(f"kd_ablation-{preset}", rows, md, chart(an), results)
-    C.echo_results(md, paths, quiet)
-    return 0
+        lines += [f"Not made yet ({len(missing)} runs of the plan; `--report-only` reported what was finished): "
+                  + "; ".join(missing) + ".", ""]
+    return lines
 
 
 def _torch_threads():

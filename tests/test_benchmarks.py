@@ -1,5 +1,5 @@
 """The benchmark scripts: statistics by hand, and each script's smoke preset end to end (tiny
-phantoms, a handful of steps) with the results schema of issue 6 checked on the real files."""
+phantoms, a handful of steps) with the results schema checked on the real files."""
 from __future__ import annotations
 
 import json

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from _training_fixtures import write_phantom_lits
-from regionkd.train.checkpoint import load_model, log_path_for
+from regionkd.train.checkpoint import load_model, log_path_for, params_sha256
 from regionkd.train.config import make_config
 from regionkd.train.sampling import epoch_batches
-from regionkd.train.trainer import params_sha256, train
+from regionkd.train.trainer import train
 
 TINY = dict(preset="demo", input_size=64, batch_size=2, log_every=1, quiet=True)
 

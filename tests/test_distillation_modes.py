@@ -14,7 +14,8 @@ from regionkd.train.checkpoint import load_checkpoint, log_path_for
 from regionkd.train.config import make_config
 from regionkd.train.distill_loss import DistillLoss, teacher_targets
 from regionkd.train.sampling import IGNORE_LABEL
-from regionkd.train.trainer import labelled_subset, train
+from regionkd.train.run_data import labelled_subset
+from regionkd.train.trainer import train
 
 TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
             quiet=True)   # 3 steps per epoch

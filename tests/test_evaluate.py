@@ -17,7 +17,7 @@ from torch import nn
 from _training_fixtures import write_lits_case
 from regionkd.sdk.errors import InputError
 from regionkd.train.checkpoint import CheckpointError, save_checkpoint
-from regionkd.train.evaluate import evaluate_checkpoint
+from regionkd.train.evaluate import count_cases, evaluate_checkpoint
 from regionkd.train.models import registry
 
 ARCH = "test-intensity-threshold"
@@ -143,8 +143,10 @@ def test_slice_first_file_gets_mm_spacing_of_its_own_axes(dataset, ckpt):
 def test_default_cases_are_the_checkpoints_validation_split(dataset, ckpt):
     from regionkd.train.data.slices import split_cases
     _, val = split_cases(case_ids(dataset), val_fraction=0.2, seed=0)
-    res = evaluate_checkpoint(ckpt, dataset)
+    done = []
+    res = evaluate_checkpoint(ckpt, dataset, progress=done.append)
     assert res["case_ids"] == list(val) and res["split"] == "validation"
+    assert done == [1] * len(val) and count_cases(ckpt, dataset) == len(val)      # what sizes the CLI's bar
 
 
 def test_errors(dataset, ckpt, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from regionkd.export.trt_ops import unsupported_ops
+from regionkd.sdk.errors import RegionKDError
 from regionkd.train.models import create_model, list_models
 from regionkd.train.models.profile import count_params, flops_per_slice, model_table
 
@@ -24,6 +25,7 @@ def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="enet") as err:
         create_model("enett")
     assert "enett" in str(err.value)
+    assert isinstance(err.value, RegionKDError)       # a command prints it as one line and exits 1
 
 
 @pytest.mark.parametrize("name", ALL)

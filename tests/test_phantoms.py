@@ -1,5 +1,8 @@
 """Phantoms: deterministic, anatomically plausible HU, labels in the dataset convention,
 confounders labelled the way the issue says, and a task a single HU threshold cannot solve."""
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -139,3 +142,36 @@ def test_lesion_contrast_scales_the_same_lesions_hu_difference():
     assert 1.5 < db / da < 2.5                   # partial volume and noise keep it from exactly 2
     with pytest.raises(ValueError, match="lesion_contrast"):
         generate_phantom("liver", SHAPE, seed=3, index=0, lesion_contrast=0.0)
+
+
+def _digest(p) -> str:
+    h = hashlib.sha256()
+    for a in (p.hu, p.label, p.tissue, p.affine):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps(p.info, sort_keys=True, default=float).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("task, shape, seed, index, min_lesion_mm, contrast, digest", [
+    ("liver", (48, 48, 16), 3, 0, 0.0, 1.0, "5366d311e7a9c912"),
+    ("liver", (48, 48, 16), 3, 1, 10.0, 2.0, "a08310401a0e7513"),
+    ("kidney", (48, 48, 16), 5, 0, 0.0, 1.0, "ed9c8b514a0b5249"),
+    ("kidney", (64, 48, 12), 5, 2, 15.0, 1.0, "1d29f3214c04525e"),
+])
+def test_pinned_cases_keep_every_voxel(task, shape, seed, index, min_lesion_mm, contrast, digest):
+    """Phantoms are a fixed data set: every voxel, label and info value of these cases is pinned
+    (with the numpy and scipy of constraints.txt), so a refactor that draws in another order shows."""
+    p = generate_phantom(task, shape, seed=seed, index=index, min_lesion_mm=min_lesion_mm, lesion_contrast=contrast)
+    assert _digest(p) == digest
+
+
+def test_write_phantoms_reports_each_case(tmp_path):
+    """The writer behind `regionkd-train phantoms` and the benchmarks: one progress call per case."""
+    from regionkd.train.data.phantoms import write_phantoms
+
+    done = []
+    written = write_phantoms(tmp_path / "msd", "kidney", "msd", cases=2, shape=(16, 16, 8), progress=done.append)
+    assert done == [1, 1] and written["layout"] == "msd" and len(written["case_ids"]) == 2
+    assert (tmp_path / "msd" / "dataset.json").is_file()
+    images = write_phantoms(tmp_path / "plain", cases=1, shape=(16, 16, 8), images_only=True)
+    assert images["layout"] == "lits" and sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["ct-0000.nii.gz"]

@@ -1,6 +1,7 @@
 """Slice cache (built with the runtime's preprocessing), split by case, augmentation that moves
 image and label together, and lesion oversampling."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache(dataset, tmp_path_factory):
-    return SliceCache.build(dataset, tmp_path_factory.mktemp("cache"), input_size=SIZE, progress=False)
+    return SliceCache.build(dataset, tmp_path_factory.mktemp("cache"), input_size=SIZE)
 
 
 def test_cache_holds_what_the_runtime_would_feed(dataset, cache):
@@ -47,13 +48,17 @@ def test_cache_holds_what_the_runtime_would_feed(dataset, cache):
     assert counts.sum() == 24 * 32 * 32
 
 
-def test_cache_is_reused_and_rebuilt_when_settings_change(dataset, cache):
+def test_cache_is_reused_and_rebuilt_when_settings_change(dataset, cache, caplog):
     f = cache.root / "0.image.npy"
     before = f.stat().st_mtime_ns
-    again = SliceCache.build(dataset, cache.root, input_size=SIZE, progress=False)
+    done = []
+    with caplog.at_level(logging.INFO, logger="regionkd.train"):
+        again = SliceCache.build(dataset, cache.root, input_size=SIZE, progress=done.append)
     assert f.stat().st_mtime_ns == before and again.meta["cases"] == cache.meta["cases"]
-    other = SliceCache.build(dataset, cache.root.parent / "other", window=(-100, 200), input_size=SIZE,
-                             progress=False)
+    assert done == [1, 1, 1] and "slicing case" not in caplog.text      # one call per case; none re-sliced
+    with caplog.at_level(logging.INFO, logger="regionkd.train"):
+        other = SliceCache.build(dataset, cache.root.parent / "other", window=(-100, 200), input_size=SIZE)
+    assert "slicing case 2 (3/3)" in caplog.text
     assert other.window == (-100.0, 200.0)
     assert not np.array_equal(other.images("0"), cache.images("0"))
     meta = json.loads((cache.root / "index.json").read_text())
@@ -131,7 +136,7 @@ def test_the_training_spacing_goes_into_the_checkpoint(dataset, cache, tmp_path)
     # the bundle's preprocessing.spacing, against which the SDK warns about inputs far from it
     from regionkd.train.config import make_config
     from regionkd.train.models import create_model
-    from regionkd.train.trainer import build_checkpoint
+    from regionkd.train.checkpoint import build_checkpoint
 
     spacings = [cache.meta["cases"][c]["spacing"] for c in cache.case_ids]
     expected = {"in_plane_mm": [round(min(s[k] for s in spacings for k in (0, 1)), 4),

@@ -1,17 +1,19 @@
 """The training loop on tiny phantoms (64x64 slices, a few steps): teacher, student and
 distillation end to end, the loss formula, repeatability, resume, clear errors."""
 import json
+import logging
 
 import pytest
 import torch
 
 from _training_fixtures import write_phantom_lits
-from regionkd.sdk.errors import InputError
+from regionkd.sdk.errors import InputError, RegionKDError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
-from regionkd.train.config import make_config
+from regionkd.train.config import KD_WEIGHTS, PAPER_KD, PRESETS, field_defaults, make_config
 from regionkd.train.distill_loss import DistillLoss, teacher_targets
-from regionkd.train.trainer import load_teacher, train
+from regionkd.train.teacher import load_teacher
+from regionkd.train.trainer import train
 
 TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
             quiet=True)   # 3 steps per epoch
@@ -159,6 +161,9 @@ def test_bad_options_and_missing_data(data, cache, tmp_path):
         make_config("distill", "tinynet", tmp_path, tmp_path / "s.pt")
     with pytest.raises(InputError, match="multiple of 32"):
         make_config("student", "tinynet", tmp_path, tmp_path / "s.pt", input_size=100)
+    with pytest.raises(TypeError, match="unknown training options") as err:
+        make_config("student", "tinynet", tmp_path, tmp_path / "s.pt", input_szie=64)
+    assert isinstance(err.value, RegionKDError)
 
 
 def test_presets():
@@ -168,6 +173,10 @@ def test_presets():
     demo_s = make_config("distill", "enet", "d", "o.pt", preset="demo", teacher="t.pt")
     assert demo_t.input_size == demo_s.input_size == 96 and (demo_t.epochs, demo_s.epochs) == (12, 16)
     assert make_config("student", "enet", "d", "o.pt", preset="demo", epochs=2).epochs == 2
+    # one table: TrainConfig's defaults are the paper preset's sizes and the default KD weights
+    defaults = field_defaults()
+    assert {k: defaults[k] for k in PRESETS["paper"]} == PRESETS["paper"] and defaults["preset"] == "paper"
+    assert {k: defaults[k] for k in KD_WEIGHTS["default"]} == KD_WEIGHTS["default"] != PAPER_KD
 
 
 def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
@@ -177,7 +186,9 @@ def test_cli_teacher_and_clear_error(data, cache, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     run_cli(teacher, ["--data", str(data), "--out", str(out), "--arch", "tinynet", "--preset", "demo",
                       "--input-size", "64", "--batch-size", "2", "--max-steps", "1", "--cache-dir", cache])
-    assert "validation Dice" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "validation Dice" in shown.out
+    assert "teacher tinynet on cpu (1 process), preset demo: 64 px" in shown.err   # the run's plan, logged
     assert load_checkpoint(out)["train_state"]["step"] == 1
     with pytest.raises(SystemExit) as exc:
         run_cli(teacher, ["--data", str(tmp_path / "missing"), "--out", str(out), "--quiet"])
@@ -192,15 +203,17 @@ def test_worker_processes_do_not_change_the_run(data, cache, tmp_path):
     assert a["params_sha256"] == b["params_sha256"]
 
 
-def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, capsys,
+def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(data, cache, tmp_path, caplog,
                                                                               monkeypatch):
-    """Issue 13: before training, the device, the preset and an estimate of the run's length (measured on
-    two steps of a copy of the network); measuring changes nothing in the run."""
+    """Before training, the device, the preset and an estimate of the run's length (measured on two
+    steps of a copy of the network) are logged; measuring changes nothing in the run."""
     from regionkd.train.trainer import TrainingRun
 
+    caplog.set_level(logging.INFO, logger="regionkd.train")
     opts = {**TINY, "quiet": False}
     loud = train(make_config("student", "tinynet", data, tmp_path / "loud.pt", cache_dir=cache, seed=5, **opts))
-    err = capsys.readouterr().err
+    err = caplog.text
+    caplog.clear()
     assert "student tinynet on cpu (1 process), preset demo: 64 px, batch 4, 1 epochs x 3 steps" in err
     assert "3 steps to go at about" in err and "s/step (measured here): about" in err
     start = [r for r in read_log(tmp_path / "loud.pt") if r["event"] == "start"][0]
@@ -212,4 +225,29 @@ def test_training_says_device_preset_and_length_first_and_the_run_is_unchanged(d
     monkeypatch.undo()
     paper = {**opts, "preset": "paper", "max_steps": 1}
     train(make_config("student", "tinynet", data, tmp_path / "paper.pt", cache_dir=cache, **paper))
-    assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in capsys.readouterr().err
+    assert "note: the paper preset (384 px, 30 epochs) is sized for a GPU" in caplog.text
+
+
+def test_validation_dice_is_the_pooled_dice_of_the_argmax(data, cache):
+    """validate() counts with metrics.DiceAccumulator; the same numbers by one-hot sums in torch."""
+    import numpy as np
+
+    from regionkd.train.data.slices import SliceCache, SliceDataset
+    from regionkd.train.models import create_model
+    from regionkd.train.processes import Proc
+    from regionkd.train.validation import validate
+
+    ds = SliceDataset(SliceCache.build(data, f"{cache}-val", input_size=(64, 64)), augment=False)
+    names = ["background", "liver", "tumour"]
+    torch.manual_seed(5)
+    net = create_model("tinynet", 3).eval()
+    cfg = make_config("student", "tinynet", data, "unused.pt", **{**TINY, "val_max_slices": 25})
+    idx = np.unique(np.linspace(0, len(ds) - 1, 25).round().astype(int))
+    with torch.no_grad():
+        pred = torch.cat([net(torch.stack([ds[int(i)][0] for i in idx[k:k + 4]])).argmax(1) for k in range(0, len(idx), 4)])
+    ref = torch.stack([ds[int(i)][1] for i in idx])
+    p1, r1 = (torch.nn.functional.one_hot(t, 3).flatten(0, 2).double() for t in (pred, ref))
+    inter, size = (p1 * r1).sum(0), p1.sum(0) + r1.sum(0)
+    expected = {names[k]: None if size[k] == 0 else round(float(2 * inter[k] / size[k]), 6) for k in (1, 2)}
+    assert validate(net, ds, cfg, names, Proc()) == expected
+    assert any(v for v in expected.values())          # not only empty classes

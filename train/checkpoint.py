@@ -1,4 +1,5 @@
-"""Training checkpoints, format `regionkd-checkpoint/1` (docs/ARCHITECTURE.md).
+"""Training checkpoints, format `regionkd-checkpoint/1` (docs/ARCHITECTURE.md): what one holds
+(`build_checkpoint`), writing, reading and checking one, and whether a run may resume from it.
 
 A checkpoint is a `torch.save`d dict of plain types only, so it loads with
 `torch.load(weights_only=True)`: no pickled classes are ever executed when a checkpoint is read.
@@ -6,11 +7,15 @@ It is written atomically, so a run killed while saving leaves the previous check
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 from regionkd.sdk.atomic import atomic_path
 from regionkd.sdk.errors import InputError, require
+
+from .config import DISTILL_ONLY, RESUME_IDENTITY, TrainConfig, field_defaults
 
 FORMAT = "regionkd-checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "role", "num_classes", "class_names", "task", "preprocessing", "model_state")
@@ -91,3 +96,71 @@ def _validate(ckpt: dict, path: Path) -> None:
     pre = ckpt["preprocessing"]
     if not isinstance(pre, dict) or "window" not in pre or "input_size" not in pre:
         raise CheckpointError(f"checkpoint {path}: preprocessing must hold 'window' and 'input_size'")
+
+
+def build_checkpoint(cfg: TrainConfig, net, class_names, task: str, window, train_state: dict,
+                     metrics: dict, t_ckpt: dict | None, spacing: dict | None = None) -> dict:
+    """The checkpoint of network `net` trained as `cfg` says (`t_ckpt`: its teacher's checkpoint,
+    or None), with the run's `train_state` for --resume."""
+    from regionkd.sdk.bundle import sha256_file
+
+    teacher = None
+    if t_ckpt is not None:
+        teacher = {"path": str(Path(cfg.teacher).resolve()), "sha256": sha256_file(cfg.teacher), "arch": t_ckpt["arch"]}
+    distilled = cfg.mode == "distill"
+    preprocessing = {"window": [float(v) for v in window], "input_size": [cfg.input_size, cfg.input_size],
+                     "orientation": "RAS", "slice_axis": "axial",
+                     "normalisation": {"type": "window-linear", "range": [-1, 1]}}
+    if spacing:   # voxel sizes of the training cases: the bundle's preprocessing.spacing
+        preprocessing["spacing"] = spacing
+    return {
+        "format": FORMAT,
+        "arch": cfg.arch,
+        "role": "teacher" if cfg.mode == "teacher" else "student",
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "task": task,
+        "preprocessing": preprocessing,
+        "model_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "train_state": train_state,
+        "provenance": {"teacher": teacher, "kd": list(cfg.kd) if distilled else [],
+                       "kd_levels": list(cfg.kd_levels) if distilled else [],
+                       "alpha": cfg.alpha, "beta1": cfg.beta1, "beta2": cfg.beta2, "temperature": cfg.temperature,
+                       "pmd_balance": cfg.pmd_balance if distilled else None,
+                       "unlabelled": str(Path(cfg.unlabelled).resolve()) if distilled and cfg.unlabelled else None,
+                       "labelled_cases": cfg.labelled_cases,
+                       "data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "package_version": package_version(),
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "metrics": metrics,
+        "config": cfg.to_flat_dict(),
+    }
+
+
+def params_sha256(net) -> str:
+    """Digest of the trainable parameters (not BN buffers, which DDP ranks keep per process)."""
+    h = hashlib.sha256()
+    for _, p in net.named_parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("regionkd")
+    except Exception:
+        return "unknown"
+
+
+def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """CheckpointError unless the run `cfg` describes is the one that wrote `ckpt`."""
+    # an option the checkpoint does not record is one added since: it ran with that option's default
+    defaults = field_defaults()
+    old = {k: ckpt.get("config", {}).get(k, defaults.get(k)) for k in RESUME_IDENTITY}
+    new = cfg.to_flat_dict()
+    keys = [k for k in RESUME_IDENTITY if cfg.mode == "distill" or k not in DISTILL_ONLY]  # others mean nothing there
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise CheckpointError(f"--resume {path}: the checkpoint was written with other options ({'; '.join(diff)})")
+    if "train_state" not in ckpt:
+        raise CheckpointError(f"--resume {path}: the checkpoint holds no training state")

@@ -4,12 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from regionkd.sdk.atomic import atomic_directory
+from regionkd.sdk.console import progress_bar
 
-from .data.layouts import LAYOUTS, write_case, write_dataset_json, write_image
-from .data.phantoms import DEFAULT_SHAPE, generate_phantom
+from .data.layouts import LAYOUTS
+from .data.phantoms import DEFAULT_SHAPE, write_phantoms
 from .data.tasks import TASKS
 
 
@@ -59,19 +58,10 @@ def phantoms(out, task, layout, cases, seed, shape, min_lesion_mm, lesion_contra
     layout = layout or ("kits19" if task == "kidney" else "lits")
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
-    ids, tumours = [], 0
-    with atomic_directory(out, overwrite=True) as tmp:
-        for i in tqdm(range(cases), desc=f"phantoms ({task}, {layout})", unit="case", disable=quiet):
-            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm,
-                                 lesion_contrast=lesion_contrast)
-            if images_only:
-                ids.append(write_image(tmp / f"ct-{i:04d}.nii.gz", layout, p.hu, p.affine))
-            else:
-                ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
-            tumours += len(p.info["tumours"])
-        if layout == "msd" and not images_only:
-            write_dataset_json(tmp, task, ids, description=f"regionkd phantoms, seed {seed}, shape {shape}")
+    with progress_bar(total=cases, desc=f"phantoms ({task}, {layout})", unit="case", quiet=quiet) as bar:
+        written = write_phantoms(out, task, layout, cases, seed, shape, min_lesion_mm=min_lesion_mm,
+                                 lesion_contrast=lesion_contrast, images_only=images_only, progress=bar.update)
     if not quiet:
         what = "image(s) without labels" if images_only else f"case(s), {layout} layout"
-        click.echo(f"wrote {cases} {task} phantom {what} ({tumours} tumour(s)) to {out}")
+        click.echo(f"wrote {cases} {task} phantom {what} ({written['tumours']} tumour(s)) to {out}")
     return 0

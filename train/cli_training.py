@@ -1,10 +1,13 @@
-"""`regionkd-train teacher | student | distill | evaluate`."""
+"""`regionkd-train teacher | student | distill | evaluate`: the commands draw the progress bars
+(`regionkd.sdk.console.progress_bar`) and show the training library's messages (messages.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import click
+
+from regionkd.sdk.console import progress_bar
 
 from .config import KD_ON, PMD_BALANCES, PRESETS, field_defaults
 
@@ -22,7 +25,7 @@ def shared_training_options(fn):
                      help="Dataset root (LiTS, KiTS19 or MSD layout, or phantoms)."),
         click.option("-o", "--out", "--output", "out", required=True, type=click.Path(path_type=Path),
                      help="Checkpoint to write (every epoch and at the end); the log goes beside it as <stem>.log.jsonl."),
-        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default=_default("preset"), show_default=True,
                      help=f"Starting values for the options below ({PRESET_HELP}). The device, the preset and an "
                           "estimate of the run's length are printed before training starts."),
         click.option("--epochs", type=int, help="Epochs (an epoch: samples_per_epoch slices, lesion-oversampled)."),
@@ -32,9 +35,11 @@ def shared_training_options(fn):
         click.option("--input-size", type=int, help="Square network input size in pixels (multiple of 32)."),
         click.option("--lr", type=float, help="Adam learning rate (cosine decay to 0 over all epochs)."),
         click.option("--samples-per-epoch", type=int, help="Slices per epoch (default: preset, or the training split's size)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed: a CPU run is repeatable."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
+        click.option("--seed", type=int, default=_default("seed"), show_default=True,
+                     help="Seed: a CPU run is repeatable."),
+        click.option("--device", default=_default("device"), show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--workers", type=int, default=_default("workers"), show_default=True,
+                     help="DataLoader worker processes."),
         click.option("--no-amp", is_flag=True, help="Disable mixed precision (only used on CUDA anyway)."),
         click.option("--resume", is_flag=True, help="Continue from --out if it exists (same options required)."),
         click.option("--cache-dir", type=click.Path(path_type=Path),
@@ -46,9 +51,20 @@ def shared_training_options(fn):
     return fn
 
 
+def _step_updates(bar):
+    """The trainer's progress callback drawn on `bar`: steps done, and its status beside them."""
+    def update(n: int, status: str | None = None) -> None:
+        if status:
+            bar.set_postfix_str(status)
+        bar.update(n)
+
+    return update
+
+
 def _run(mode: str, arch: str, opts: dict, **extra) -> None:
     from .config import make_config
-    from .trainer import train
+    from .messages import show_messages
+    from .trainer import training_run
 
     quiet = opts["quiet"]
     given = dict(epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
@@ -58,7 +74,12 @@ def _run(mode: str, arch: str, opts: dict, **extra) -> None:
         mode, arch, opts["data"], opts["out"], preset=opts["preset"], seed=opts["seed"], device=opts["device"],
         workers=opts["workers"], amp=not opts["no_amp"], resume=opts["resume"], quiet=quiet,
         **{k: v for k, v in given.items() if v is not None})
-    summary = train(cfg)
+    with show_messages(quiet) as messages, training_run(cfg) as run:
+        with progress_bar(total=run.target_steps, initial=run.step, desc=f"{mode} {arch}", unit="step",
+                          quiet=quiet or not run.proc.is_main) as bar:
+            messages.bar = bar
+            summary = run.run(progress=_step_updates(bar))
+            messages.bar = None
     if not quiet and summary.get("rank", 0) == 0:
         dice = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in summary["val_dice"].items())
         click.echo(f"{mode} {arch}: {summary['steps']} steps in {summary['seconds']:.1f} s "
@@ -144,8 +165,8 @@ def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
     per case and mean per class, in each file's own orientation and spacing."""
     from regionkd.sdk.atomic import atomic_write_text
 
-    from .evaluate import evaluate_checkpoint, format_table
-    from .trainer import resolve_device
+    from .evaluate import count_cases, evaluate_checkpoint, format_table
+    from .processes import resolve_device
 
     if cases == "all":
         from .data import open_dataset
@@ -153,8 +174,10 @@ def evaluate(ckpt, data, cases, device, batch_size, json_out, quiet):
         case_ids = list(open_dataset(data).case_ids)
     else:
         case_ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
-    result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=str(resolve_device(device)),
-                                 batch_size=batch_size, progress=not quiet)
+    device = str(resolve_device(device))
+    with progress_bar(total=count_cases(ckpt, data, case_ids), desc="evaluate", unit="case", quiet=quiet) as bar:
+        result = evaluate_checkpoint(ckpt, data, case_ids=case_ids, device=device, batch_size=batch_size,
+                                     progress=bar.update)
     click.echo(format_table(result))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")

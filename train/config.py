@@ -1,4 +1,6 @@
-"""Training options and the presets they start from.
+"""Training options, and the one table of their defaults: the size presets (`PRESETS`) and the
+sets of distillation weights (`KD_WEIGHTS`). TrainConfig's defaults are the `paper` preset and the
+`default` weights; the command line, make_config and the benchmarks read them here.
 
 `paper` is the authors' setup (384x384 slices, batch 16, 30 epochs, Adam lr 1e-2, cosine decay).
 `demo` is sized for `make demo` on a 2-core CPU (about 10 minutes with export and benchmark):
@@ -13,9 +15,9 @@ from dataclasses import dataclass, field
 
 from regionkd.sdk.errors import InputError
 
+from .errors import UnknownOptionError
+
 KD_TERMS = ("pmd", "imd", "rad", "pl")
-# The paper's loss (Qin et al.): `--kd pmd,imd,rad --alpha 0.1 --beta1 0.9 --beta2 0.9 --temperature 4`.
-PAPER_KD = dict(kd=("pmd", "imd", "rad"), alpha=0.1, beta1=0.9, beta2=0.9, temperature=4.0, pmd_balance="pixels")
 PMD_BALANCES = ("pixels", "classes")
 KD_ON = ("all", "unlabelled")
 FEATURE_LEVELS = ("low", "high")
@@ -24,6 +26,7 @@ MODES = ("teacher", "student", "distill")
 NONE_MEANS_DEFAULT = frozenset({"max_steps", "pause_after", "samples_per_epoch", "val_max_slices", "teacher",
                                 "cache_dir", "teacher_cache", "unlabelled", "unlabelled_batch", "labelled_cases"})
 
+DEFAULT_PRESET = "paper"
 PRESETS: dict[str, dict] = {
     "paper": dict(input_size=384, batch_size=16, epochs=30, lr=1e-2, samples_per_epoch=None,
                   val_max_slices=None, log_every=20),
@@ -34,6 +37,18 @@ PRESETS: dict[str, dict] = {
 PRESET_MODE_OVERRIDES: dict[tuple[str, str], dict] = {
     ("demo", "teacher"): dict(epochs=12),
 }
+
+KD_WEIGHTS: dict[str, dict] = {
+    # the paper's loss (Qin et al.): `--kd pmd,imd,rad --alpha 0.1 --beta1 0.9 --beta2 0.9 --temperature 4`
+    "paper": dict(kd=("pmd", "imd", "rad"), alpha=0.1, beta1=0.9, beta2=0.9, temperature=4.0, pmd_balance="pixels"),
+    # the defaults, from benchmarks/kd_ablation.py (cpu preset): class-balanced PMD at alpha 1, T 1, the one setting
+    # with all labels (plus unlabelled scans) whose tumour-Dice gain is positive on both tasks (liver +0.009, kidney
+    # +0.020, 3 seeds). The paper's loss gained nothing (-0.003 liver, -0.016 kidney), nor did any setting without
+    # unlabelled scans. With few labels, --kd-on unlabelled --pmd-balance pixels.
+    "default": dict(kd=("pmd",), alpha=1.0, beta1=0.9, beta2=0.9, temperature=1.0, pmd_balance="classes"),
+}
+PAPER_KD = KD_WEIGHTS["paper"]
+_SIZE, _KD = PRESETS[DEFAULT_PRESET], KD_WEIGHTS["default"]
 
 # options whose change would make a resumed run a different run
 RESUME_IDENTITY = ("mode", "arch", "input_size", "batch_size", "lr", "seed", "kd", "kd_levels", "alpha",
@@ -54,34 +69,30 @@ class TrainConfig:
     data: str
     out: str
     teacher: str | None = None     # teacher checkpoint (distill only)
-    # distillation defaults, from benchmarks/kd_ablation.py (cpu preset): class-balanced PMD at alpha 1, T 1, the
-    # one setting with all labels (plus unlabelled scans) whose tumour-Dice gain is positive on both tasks (liver
-    # +0.009, kidney +0.020, 3 seeds). The paper's loss (PAPER_KD) gained nothing (-0.003 liver, -0.016 kidney),
-    # nor did any setting without unlabelled scans. With few labels, --kd-on unlabelled --pmd-balance pixels.
-    kd: tuple = ("pmd",)
+    kd: tuple = _KD["kd"]          # distillation: KD_WEIGHTS["default"]
     kd_levels: tuple = FEATURE_LEVELS
-    alpha: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.9
-    temperature: float = 1.0
+    alpha: float = _KD["alpha"]
+    beta1: float = _KD["beta1"]
+    beta2: float = _KD["beta2"]
+    temperature: float = _KD["temperature"]
     pl_weight: float = 1.0         # weight of "pl": the segmentation loss against the teacher's labels (argmax)
-    pmd_balance: str = "classes"   # "pixels": PMD is the mean over all pixels (the paper); "classes": per class
+    pmd_balance: str = _KD["pmd_balance"]   # "pixels": the mean over all pixels (the paper); "classes": per class
     teacher_cache: str | None = None  # directory of the teacher cache (distill only), shared between runs
     unlabelled: str | None = None  # folder of CT images without labels: distillation terms only (distill only)
     unlabelled_batch: int | None = None  # unlabelled slices per step (default: batch_size)
     augment_unlabelled: bool = True
     kd_on: str = "all"             # "all" slices of a step, or only the "unlabelled" ones (labelled: ground truth only)
     labelled_cases: int | None = None  # train on only this many of the training split's cases (a fixed subset)
-    preset: str = "paper"
-    epochs: int = 30
+    preset: str = DEFAULT_PRESET   # sizes: PRESETS[DEFAULT_PRESET]
+    epochs: int = _SIZE["epochs"]
     max_steps: int | None = None   # train this many optimiser steps at most; the cosine schedule spans them
     pause_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted: the
                                     # schedule is unchanged and --resume continues the same run
-    batch_size: int = 16           # per process under torchrun
-    input_size: int = 384
-    lr: float = 1e-2
-    samples_per_epoch: int | None = None
-    val_max_slices: int | None = None
+    batch_size: int = _SIZE["batch_size"]   # per process under torchrun
+    input_size: int = _SIZE["input_size"]
+    lr: float = _SIZE["lr"]
+    samples_per_epoch: int | None = _SIZE["samples_per_epoch"]
+    val_max_slices: int | None = _SIZE["val_max_slices"]
     lesion_fraction: float = 0.5
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -91,7 +102,7 @@ class TrainConfig:
     amp: bool = True               # autocast + GradScaler, CUDA only
     resume: bool = False
     cache_dir: str | None = None
-    log_every: int = 20
+    log_every: int = _SIZE["log_every"]
     quiet: bool = False
     augment: bool = True
     extra: dict = field(default_factory=dict)
@@ -140,7 +151,7 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def make_config(mode: str, arch: str, data, out, preset: str = "paper", **options) -> TrainConfig:
+def make_config(mode: str, arch: str, data, out, preset: str = DEFAULT_PRESET, **options) -> TrainConfig:
     """Start from `preset`, then apply every option given, None included (None is "no limit" for
     max_steps, samples_per_epoch and val_max_slices). A command line drops the options the user
     did not set before calling this (`cli_training`)."""
@@ -160,7 +171,7 @@ def make_config(mode: str, arch: str, data, out, preset: str = "paper", **option
     names = set(field_defaults())
     unknown = sorted(set(values) - names)
     if unknown:
-        raise TypeError(f"unknown training options {unknown}")
+        raise UnknownOptionError(f"unknown training options {unknown}")
     return TrainConfig(mode=mode, arch=arch, data=str(data), out=str(out), preset=preset, **values).validate()
 
 

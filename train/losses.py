@@ -1,11 +1,13 @@
-"""The losses of region-aware knowledge distillation (Qin et al., IEEE TMI 2021), as defined in
-DESIGN.md "The distillation losses", plus the segmentation loss (focal + soft Dice).
+"""The losses of region-aware knowledge distillation (Qin et al., IEEE TMI 2021), plus the
+segmentation loss (focal + soft Dice).
 
 All take raw logits / feature maps of shape N x C x H x W and return a scalar tensor."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
 
 _EPS = 1e-8
 
@@ -29,7 +31,7 @@ def pmd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     if balance == "pixels":
         return kl.mean() * t * t
     if balance != "classes":
-        raise ValueError(f"pmd_loss: balance must be 'pixels' or 'classes', got {balance!r}")
+        raise ConfigError(f"pmd_loss: balance must be 'pixels' or 'classes', got {balance!r}")
     cls = F.one_hot(teacher_logits.detach().argmax(1), teacher_logits.shape[1]).to(kl.dtype)  # N x H x W x C
     count = cls.sum((0, 1, 2))
     per_class = torch.einsum("nhw,nhwc->c", kl, cls) / count.clamp_min(1)

@@ -1,11 +1,13 @@
 """Processes, devices and random state of a training run.
 
 Under `torchrun` (WORLD_SIZE > 1) every process joins one process group (gloo on CPU, nccl on
-GPU); otherwise the run is one process. RNG states are turned into plain types so that the
-checkpoint loads with `torch.load(weights_only=True)`.
+GPU) and the network is wrapped in DistributedDataParallel; otherwise the run is one process.
+RNG states are turned into plain types so that the checkpoint loads with
+`torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from regionkd.sdk.errors import InputError
 
@@ -60,6 +63,38 @@ def setup_processes(device_name: str) -> Proc:
     if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Proc(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
+
+
+def autocast(proc: Proc, cfg):
+    """Mixed precision (float16) on CUDA when `cfg.amp`; nothing otherwise."""
+    if proc.device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+class Forward(nn.Module):
+    """What DDP wraps: `forward` returns (logits, features or None), so that distillation's
+    `forward_features` goes through DDP's forward (and its gradient synchronisation)."""
+
+    def __init__(self, net: nn.Module, features: bool):
+        super().__init__()
+        self.net, self.features = net, features
+
+    def forward(self, x):
+        if self.features:
+            return self.net.forward_features(x)
+        return self.net(x), None
+
+
+def parallel_model(net: nn.Module, features: bool, proc: Proc) -> nn.Module:
+    """`net` as the training step calls it (`Forward`), in DistributedDataParallel when the run
+    has more than one process."""
+    model = Forward(net, features)
+    if proc.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    return model
 
 
 def rng_state() -> dict:

@@ -159,10 +159,6 @@ class Dataset:
         image_path, label_path = self.paths(case_id)
         return load_case(case_id, image_path, label_path, self.task_spec)
 
-    def cases(self):
-        for cid in self.case_ids:
-            yield self.load_case(cid)
-
     def __repr__(self) -> str:
         return f"Dataset(root={str(self.root)!r}, layout={self.layout!r}, task={self.task!r}, cases={len(self)})"
 

@@ -117,16 +117,24 @@ def _bowel(canvas, rng, pal, fields, body):
 
 
 def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: dict) -> dict:
-    """Paint body, organs, vessels and bones; return the geometry the lesion painters need."""
+    """Paint body, organs, vessels and bones; return the geometry the lesion painters need. The
+    parts are painted, and draw from `rng`, in a fixed order: the same seed gives the same voxels."""
     tex, shape = fields["texture"], fields["shape"]
     body = _body(canvas, rng, pal, tex)
     sy = body["spine_y"]
-    geo = {"body": body}
-    u = rng.uniform
-
     _bowel(canvas, rng, pal, fields, body)
+    _thorax(canvas, rng.uniform, pal, tex, shape, sy)
+    _stomach_and_spleen(canvas, rng.uniform, pal, tex, shape, sy)
+    geo = {"body": body, "liver": _liver(canvas, rng.uniform, pal, tex, shape)}
+    _gallbladder(canvas, rng.uniform, pal, tex, geo["liver"]["right"])
+    geo["kidneys"] = _kidneys(canvas, rng.uniform, pal, tex, shape, sy)
+    geo["ivc"] = _great_vessels(canvas, rng.uniform, pal, tex, sy, geo["kidneys"])
+    _spine(canvas, rng, pal, sy, tex)
+    return geo
 
-    # thorax: lungs and heart above the diaphragm (the liver dome is painted over them)
+
+def _thorax(canvas, u, pal, tex, shape, sy):
+    """Lungs and heart above the diaphragm (the liver dome is painted over them)."""
     for side in (1.0, -1.0):
         box, f = _organ(canvas, (side * u(80, 95), sy + u(70, 90), u(120, 140)), (u(65, 80), u(80, 95), u(95, 115)),
                         shape=shape, shape_amp=4.0)
@@ -138,7 +146,9 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
         canvas.paint(box, f, T.HEART, pal["heart"] + 3.0 * tex[box])
         canvas.paint(box, f + u(9, 14), T.HEART_BLOOD, pal["heart_blood"] + 4.0 * tex[box])
 
-    # stomach (left upper quadrant, air-fluid level anteriorly) and spleen
+
+def _stomach_and_spleen(canvas, u, pal, tex, shape, sy):
+    """The stomach in the left upper quadrant (air-fluid level anteriorly), and the spleen."""
     sc = (u(-60, -40), u(20, 40), u(10, 30))
     box, f = _organ(canvas, sc, (u(40, 55), u(32, 45), u(45, 60)), angle=u(-0.5, 0.5), shape=shape, shape_amp=5.0)
     if box is not None:
@@ -153,7 +163,10 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
     if box is not None:
         canvas.paint(box, f, T.SPLEEN, pal["spleen"] + 3.0 * tex[box])
 
-    # liver: a large right lobe and a thinner left lobe reaching over the stomach
+
+def _liver(canvas, u, pal, tex, shape) -> dict:
+    """A large right lobe and a thinner left lobe reaching over the stomach; returns both lobes'
+    (centre, semi-axes)."""
     right = ((u(55, 75), u(0, 20), u(-10, 5)), (u(75, 92), u(75, 95), u(70, 88)))
     left = ((u(-30, -5), u(40, 60), u(15, 35)), (u(55, 75), u(28, 40), u(35, 48)))
     tilt = (u(-0.15, 0.15), u(-0.15, 0.15))
@@ -167,17 +180,22 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
         f -= 6.0 * shape[box]
         f = _clip(canvas, box, f, margin=1.0)
         canvas.paint(box, f, T.LIVER, pal["liver"] + 3.0 * tex[box])
-    geo["liver"] = {"right": right, "left": left}
+    return {"right": right, "left": left}
 
-    # gallbladder in the fossa under the right lobe (fluid, background)
+
+def _gallbladder(canvas, u, pal, tex, right):
+    """In most cases, the gallbladder in the fossa under the right lobe (fluid, background)."""
     if u() < 0.7:
         gc = (right[0][0] - u(25, 45), right[0][1] + u(25, 45), right[0][2] - u(35, 55))
         box, f = _organ(canvas, gc, (u(12, 18), u(15, 22), u(25, 40)), angle=u(-0.6, 0.6))
         if box is not None:
             canvas.paint(box, f, T.GALLBLADDER, pal["water"] + 2.0 * tex[box])
 
-    # kidneys: enhancing cortex, medulla, renal sinus fat and pelvis at the medial hilum
-    geo["kidneys"] = []
+
+def _kidneys(canvas, u, pal, tex, shape, sy) -> list:
+    """Enhancing cortex, medulla, renal sinus fat and pelvis at the medial hilum; returns each
+    painted kidney's geometry."""
+    kidneys = []
     zr = u(-70, -50)
     for side, cz in ((1.0, zr), (-1.0, zr + u(8, 20))):
         center = (side * u(62, 78), sy + u(20, 32), cz)
@@ -187,7 +205,6 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
                         shape=shape, shape_amp=2.0)
         if box is None:
             continue
-        geo["kidneys"].append({"center": center, "semi": semi, "angle": angle, "side": side})
         canvas.paint(box, f, T.KIDNEY_CORTEX, pal["cortex"] + 4.0 * tex[box])
         canvas.paint(box, f + u(6, 9), T.KIDNEY_MEDULLA, pal["medulla"] + 6.0 * tex[box])
         xw, yw, zz = canvas.coords(box)
@@ -196,9 +213,12 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
         canvas.paint(box, np.maximum(sinus, f), T.RENAL_SINUS, pal["fat"] + 20.0)
         pelvis = ellipsoid_sdf(xw, yw, zz, hilum, (semi[0] * 0.3, semi[1] * 0.22, semi[2] * 0.3), angle)
         canvas.paint(box, pelvis, T.RENAL_PELVIS, pal["urine"])
-        geo["kidneys"][-1]["hilum"] = hilum
+        kidneys.append({"center": center, "semi": semi, "angle": angle, "side": side, "hilum": hilum})
+    return kidneys
 
-    # great vessels along the spine; renal veins into the IVC
+
+def _great_vessels(canvas, u, pal, tex, sy, kidneys) -> tuple:
+    """IVC and aorta along the spine, and the renal veins into the IVC; returns the IVC's (x, y, radius)."""
     ivc = (u(18, 30), sy + u(40, 50))
     aorta = (u(-18, -6), sy + u(28, 36))
     r_ivc, r_ao = u(9, 13), u(9, 13)
@@ -208,8 +228,7 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
             xw, yw, zz = canvas.coords(box)
             f = ellipse_sdf(xw, yw, cx, cy, r * 1.15, r * 0.9) + np.maximum(zz - 90.0, 0.0)
             canvas.paint(box, f, tid, hu + 2.0 * tex[box])
-    geo["ivc"] = (ivc[0], ivc[1], r_ivc)
-    for k in geo["kidneys"]:
+    for k in kidneys:
         p0 = (ivc[0], ivc[1], k["hilum"][2] + 5.0)
         p1 = k["hilum"]
         box = canvas.box_around(((p0[0] + p1[0]) / 2, (p0[1] + p1[1]) / 2, (p0[2] + p1[2]) / 2),
@@ -218,9 +237,7 @@ def paint_anatomy(canvas: Canvas, rng: np.random.Generator, pal: dict, fields: d
             xw, yw, zz = canvas.coords(box)
             f = capsule_sdf(xw, yw, zz, p0, p1, 5.0, 4.0)
             canvas.paint(box, f, T.VESSEL, pal["ivc"] + 10.0, where=canvas.tissue_in(box, (T.FAT, T.RENAL_SINUS)))
-
-    _spine(canvas, rng, pal, sy, tex)
-    return geo
+    return (ivc[0], ivc[1], r_ivc)
 
 
 def _column(canvas, cx, cy, a, b, z_top=1e4):

@@ -1,9 +1,9 @@
 """Synthetic abdominal CT phantoms for the liver (LiTS-like) and kidney (KiTS19-like) tasks.
 
 Real LiTS/KiTS19 cannot be downloaded here, so demos, tests and benchmarks run on these. They
-are built to be capacity-limited rather than noise-limited (see ../shared/DESIGN.md): cysts and
-vessels inside the organ that are labelled organ, neighbours touching it at nearly its density,
-a contrast phase that changes per case, tumours that are darker, brighter or rim-enhancing.
+are built to be capacity-limited rather than noise-limited: cysts and vessels inside the organ
+that are labelled organ, neighbours touching it at nearly its density, a contrast phase that
+changes per case, tumours that are darker, brighter or rim-enhancing.
 
 Geometry is in mm, so organ sizes do not depend on the voxel size. The field of view is that of
 a 512-matrix scan at 0.6-0.9 mm; a smaller matrix gets proportionally larger voxels, as if the
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ..errors import ConfigError
 from .phantom_anatomy import KIDNEY_IDS, LIVER_IDS, T, draw_palette, paint_anatomy
 from .phantom_fields import Canvas, Grid, smooth_field
 from .phantom_lesions import (paint_kidney_cysts, paint_kidney_tumours, paint_liver_tumours,
@@ -144,10 +145,10 @@ def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: in
     `lesion_contrast` scales liver lesions' HU difference to the liver (kidney masses are drawn
     from their own enhancement model and ignore it)."""
     if not lesion_contrast > 0:
-        raise ValueError(f"lesion_contrast must be positive, got {lesion_contrast}")
+        raise ConfigError(f"lesion_contrast must be positive, got {lesion_contrast}")
     get_task(task)
     if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
+        raise ConfigError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
     rng = case_rng(seed, index) if rng is None else rng
     grid = draw_geometry(rng, task, shape)
     pal = draw_palette(rng)
@@ -169,3 +170,32 @@ def generate_phantom(task: str = "liver", shape=DEFAULT_SHAPE, seed=0, index: in
     info = {"task": task, "spacing_mm": list(grid.spacing), "phase": pal["phase"], "liver_hu": pal["liver"],
             "kidney_cortex_hu": pal["cortex"], "tumours": tumours, **noise_info}
     return Phantom(task=task, hu=hu, label=label, tissue=canvas.tissue, affine=grid.affine, info=info)
+
+
+def write_phantoms(out, task: str = "liver", layout: str | None = None, cases: int = 4, seed: int = 0,
+                   shape=DEFAULT_SHAPE, min_lesion_mm: float = 0.0, lesion_contrast: float = 1.0,
+                   images_only: bool = False, progress=None) -> dict:
+    """Write `cases` phantoms (case i drawn from (seed, i)) to `out` in a public dataset's layout
+    (default: lits for liver, kits19 for kidney), or with `images_only` as a plain folder of CT
+    images without labels. The dataset is built in a temporary folder and then replaces `out`.
+    `progress(1)` after each case. Returns {"layout", "case_ids", "tumours"}."""
+    from regionkd.sdk.atomic import atomic_directory
+
+    from .layouts import write_case, write_dataset_json, write_image
+
+    layout = layout or ("kits19" if task == "kidney" else "lits")
+    ids, tumours = [], 0
+    with atomic_directory(out, overwrite=True) as tmp:
+        for i in range(cases):
+            p = generate_phantom(task, shape, seed=seed, index=i, min_lesion_mm=min_lesion_mm,
+                                 lesion_contrast=lesion_contrast)
+            if images_only:
+                ids.append(write_image(tmp / f"ct-{i:04d}.nii.gz", layout, p.hu, p.affine))
+            else:
+                ids.append(write_case(tmp, layout, i, p.hu, p.label, p.affine, task=task))
+            tumours += len(p.info["tumours"])
+            if progress is not None:
+                progress(1)
+        if layout == "msd" and not images_only:
+            write_dataset_json(tmp, task, ids, description=f"regionkd phantoms, seed {seed}, shape {shape}")
+    return {"layout": layout, "case_ids": ids, "tumours": tumours}

@@ -3,27 +3,31 @@ augmentation, and a sampler that oversamples slices with lesions.
 
 The cache turns every case once into network-ready slices with `regionkd.sdk.preprocess`
 (window, scale to [-1, 1], resize), exactly what the runtime feeds the network, and stores them
-as .npy files that are memory-mapped, so epochs never re-read NIfTI.
+as .npy files that are memory-mapped, so epochs never re-read NIfTI. Building one logs each case
+it slices (seconds each) and calls an optional `progress` callback with 1 per case.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from regionkd.sdk.atomic import atomic_path, atomic_write_text
 from regionkd.sdk.errors import InputError
 from regionkd.sdk.preprocess import resize_labels_nearest, resize_slices, volume_to_slices, window_and_scale
 
+from ..errors import ConfigError
 from .layouts import open_dataset, open_images
 from .tasks import TASKS
 
 CACHE_FORMAT = "regionkd-slice-cache/1"
+
+log = logging.getLogger(__name__)
 
 
 def _source_stamp(paths) -> list:
@@ -115,7 +119,7 @@ class SliceCache:
         return cls(root, meta)
 
     @classmethod
-    def build(cls, dataset_root, cache_dir, window=None, input_size=(256, 256), progress: bool = True) -> "SliceCache":
+    def build(cls, dataset_root, cache_dir, window=None, input_size=(256, 256), progress=None) -> "SliceCache":
         """Slice every case of the dataset at `dataset_root` into `cache_dir`. Cases whose source
         files and settings are unchanged since the last build are reused, not re-read."""
         ds = open_dataset(dataset_root)
@@ -123,7 +127,7 @@ class SliceCache:
 
     @classmethod
     def build_unlabelled(cls, images_root, cache_dir, task: str, window=None, input_size=(256, 256),
-                         progress: bool = True) -> "SliceCache":
+                         progress=None) -> "SliceCache":
         """The same for a folder of CT images without labels (`layouts.open_images`): any label
         files there are never opened."""
         images = open_images(images_root)
@@ -137,43 +141,53 @@ class SliceCache:
         root = Path(cache_dir)
         root.mkdir(parents=True, exist_ok=True)
         kinds = ("image", "label", "counts") if labelled else ("image",)
-        old = {}
-        try:
-            prev = cls.open(root).meta
-            if (prev["window"] == window and prev["input_size"] == size and prev["task"] == task_name
-                    and prev.get("labelled", True) == labelled):
-                old = prev["cases"]
-        except InputError:
-            pass
+        old = cls._reusable(root, window, size, task_name, labelled)
         cases = {}
-        for cid in tqdm(ds.case_ids, desc="slicing cases" if labelled else "slicing unlabelled cases", unit="case",
-                        disable=not progress):
-            paths = ds.paths(cid) if labelled else (ds.path(cid),)
-            stamp = _source_stamp(paths)
+        for k, cid in enumerate(ds.case_ids):
+            stamp = _source_stamp(ds.paths(cid) if labelled else (ds.path(cid),))
             entry = old.get(cid)
             if entry and entry["source"] == stamp and all((root / f"{cid}.{w}.npy").exists() for w in kinds):
                 cases[cid] = entry
-                continue
-            if labelled:
-                case = ds.load_case(cid)
-                volume, label = case.volume, case.label
             else:
-                volume, label = ds.load_image(cid), None
-            hu = volume_to_slices(volume.data)
-            images = resize_slices(window_and_scale(hu, window), size).astype(np.float32)
-            _save_npy(root / f"{cid}.image.npy", images)
-            if labelled:
-                labels = np.ascontiguousarray(resize_labels_nearest(volume_to_slices(label), size)).astype(np.uint8)
-                counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(task.num_classes)], axis=1)
-                _save_npy(root / f"{cid}.label.npy", labels)
-                _save_npy(root / f"{cid}.counts.npy", counts.astype(np.int64))
-            cases[cid] = {"num_slices": int(images.shape[0]), "source": stamp,
-                          "spacing": [float(s) for s in volume.spacing]}
+                log.info("%s: slicing case %s (%d/%d)", root, cid, k + 1, len(ds.case_ids))
+                num_slices, spacing = _slice_case(ds, cid, root, task, window, size, labelled)
+                cases[cid] = {"num_slices": num_slices, "source": stamp, "spacing": spacing}
+            if progress is not None:
+                progress(1)
         meta = {"format": CACHE_FORMAT, "dataset": str(Path(dataset_root).resolve()), "layout": ds.layout,
                 "task": task_name, "labelled": labelled, "class_names": list(task.class_names), "window": window,
                 "input_size": size, "normalisation": {"type": "window-linear", "range": [-1, 1]}, "cases": cases}
         atomic_write_text(root / "index.json", json.dumps(meta, indent=1) + "\n")
         return cls(root, meta)
+
+    @classmethod
+    def _reusable(cls, root: Path, window, size, task_name: str, labelled: bool) -> dict:
+        """The cases of a cache already at `root` made with the same settings ({} if none)."""
+        try:
+            prev = cls.open(root).meta
+        except InputError:
+            return {}
+        same = (prev["window"] == window and prev["input_size"] == size and prev["task"] == task_name
+                and prev.get("labelled", True) == labelled)
+        return prev["cases"] if same else {}
+
+
+def _slice_case(ds, cid: str, root: Path, task, window, size, labelled: bool) -> tuple[int, list]:
+    """Write one case's slice files; returns (number of slices, voxel size in mm)."""
+    if labelled:
+        case = ds.load_case(cid)
+        volume, label = case.volume, case.label
+    else:
+        volume, label = ds.load_image(cid), None
+    hu = volume_to_slices(volume.data)
+    images = resize_slices(window_and_scale(hu, window), size).astype(np.float32)
+    _save_npy(root / f"{cid}.image.npy", images)
+    if labelled:
+        labels = np.ascontiguousarray(resize_labels_nearest(volume_to_slices(label), size)).astype(np.uint8)
+        counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(task.num_classes)], axis=1)
+        _save_npy(root / f"{cid}.label.npy", labels)
+        _save_npy(root / f"{cid}.counts.npy", counts.astype(np.int64))
+    return int(images.shape[0]), [float(s) for s in volume.spacing]
 
 
 def split_cases(case_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -181,7 +195,7 @@ def split_cases(case_ids, val_fraction: float = 0.2, seed: int = 0) -> tuple[lis
     are two or more cases and val_fraction > 0. Deterministic for a seed."""
     ids = sorted(set(case_ids))
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(ids) * val_fraction))
     if val_fraction > 0 and len(ids) >= 2:
         n_val = min(max(n_val, 1), len(ids) - 1)
@@ -219,7 +233,6 @@ def _orient(x, combo):
 
 
 ORIENTATION_IDS, ORIENTATIONS = _orientation_table()
-NUM_ORIENTATIONS = len(ORIENTATIONS)   # 8
 
 
 def orient(x, orientation: int):
@@ -341,7 +354,7 @@ def lesion_oversampling_sampler(dataset: SliceDataset, lesion_fraction: float = 
     """Sample slices with replacement so that about `lesion_fraction` of them show a lesion
     (uniform when there are no lesion slices, or only lesion slices)."""
     if not 0.0 < lesion_fraction < 1.0:
-        raise ValueError(f"lesion_fraction must be in (0, 1), got {lesion_fraction}")
+        raise ConfigError(f"lesion_fraction must be in (0, 1), got {lesion_fraction}")
     has = np.asarray(dataset.slice_has_lesion, bool)
     n_les, n_all = int(has.sum()), len(has)
     if n_all == 0:

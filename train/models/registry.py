@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import ConfigError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -14,7 +16,7 @@ def register_model(name: str):
 
     def deco(fn):
         if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
+            raise ConfigError(f"model {name!r} is registered twice")
         _MODELS[name] = fn
         return fn
 
@@ -26,10 +28,10 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 3, in_channels: int = 1) -> nn.Module:
-    """Build a registered network. Unknown names raise ValueError listing the known ones."""
+    """Build a registered network. Unknown names raise ConfigError (a ValueError) listing the known ones."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if num_classes < 2 or in_channels < 1:
-        raise ValueError(f"model {name!r}: num_classes must be >= 2 and in_channels >= 1 "
+        raise ConfigError(f"model {name!r}: num_classes must be >= 2 and in_channels >= 1 "
                          f"(got {num_classes}, {in_channels})")
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
