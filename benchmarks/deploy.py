@@ -48,7 +48,7 @@ class Preset:
     calib_slices: int
     infer_batch: int = 8             # slices per inference call when timing
     task: str = "liver"
-    kd: str = "pmd,imd,rad"
+    kd: str = "paper"                # a row of regionkd.train.config.KD_WEIGHTS
     data_seed: int = 2021            # the timed volume is case index `cases` of this seed: not trained on
 
 
@@ -95,8 +95,8 @@ def numpy_sgemm(n: int, threads: int, repeat: int = 5) -> dict:
 def make_models(p: Preset, work: Path, quiet: bool, student_arch: str | None = None) -> tuple[Path, Path, Path, Path]:
     """(teacher ckpt, student ckpt, bundle dir, data dir): trained briefly and exported, unless
     already there from a previous run. The student (`student_arch`, default the preset's) is
-    distilled from the teacher (p.kd)."""
-    from regionkd.train.config import make_config
+    distilled from the teacher with the KD_WEIGHTS row p.kd (the paper's loss)."""
+    from regionkd.train.config import KD_WEIGHTS, make_config
     from regionkd.train.trainer import train
 
     arch = student_arch or p.student
@@ -109,7 +109,7 @@ def make_models(p: Preset, work: Path, quiet: bool, student_arch: str | None = N
         train(make_config("teacher", p.teacher, data, teacher, samples_per_epoch=p.teacher_steps * p.batch_size,
                           **common))
     if not student.is_file():
-        train(make_config("distill", arch, data, student, teacher=str(teacher), kd=p.kd,
+        train(make_config("distill", arch, data, student, teacher=str(teacher), **KD_WEIGHTS[p.kd],
                           samples_per_epoch=p.student_steps * p.batch_size, **common))
     if not (bundle / "manifest.json").is_file():
         from regionkd.export.pipeline import ExportOptions, export_bundle

@@ -141,12 +141,17 @@ def test_bundle_runs_in_the_sdk_onnxruntime_backend(exported):
 
     bundle = load_bundle(exported)
     x = np.zeros((2, 1, *SIZE), np.float32)
+    hu = np.full((2, 1, 45, 37), -1000.0, np.float32)          # a fused model takes any matrix
     for precision in ("fp32", "fp16", "int8"):
-        backend = create_backend("onnxruntime", bundle, precision)
+        backend = create_backend("onnxruntime", bundle, precision, fused=False)
+        fused = create_backend("onnxruntime", bundle, precision)
         try:
             assert backend.run(x).shape == (2, 3, *SIZE)
+            labels = fused.run(hu)
+            assert labels.shape == (2, 45, 37) and labels.dtype == np.uint8
         finally:
             backend.close()
+            fused.close()
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx_bindings is not installed (pip install 'regionkd[tensorrt-rtx]')")
