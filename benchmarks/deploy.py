@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +52,8 @@ class Preset:
     kd: str = "paper"                # a row of regionkd.train.config.KD_WEIGHTS
     data_seed: int = 2021            # the timed volume is case index `cases` of this seed: not trained on
 
+
+FOLDER_VOLUMES = 8                   # volumes of the folder-throughput runs
 
 PRESETS = {
     "smoke": Preset(volume_shape=(64, 64, 8), cases=3, data_shape=(64, 64, 8), input_size=64, teacher="raunet",
@@ -154,7 +157,9 @@ def timing_row(m: dict, base: dict) -> dict:
 
 
 def bundle_dice(manifest: dict, precision: str, model_file: str) -> dict | None:
-    """Validation Dice of the file a backend runs, from the manifest (int8 CPU flavour included)."""
+    """Validation Dice of the file a backend runs, from the manifest (int8 CPU flavour included; a
+    fused file has its network's Dice)."""
+    model_file = model_file.replace(".fused.onnx", ".onnx")
     metrics = manifest.get("metrics", {}).get(precision, {})
     for flavour in metrics.get("flavours", {}).values():
         if flavour.get("file") == model_file:
@@ -184,37 +189,37 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
     bundle = load_bundle(bundle_dir)
     shape = [int(v) for v in read_nifti(volume).data.shape]
     student_gflops = bundle.manifest["model"].get("gflops_per_slice") or gflops_of(student)
-    jobs = ([("torch", teacher, "fp32")] if teacher else []) + [
-        ("torch", student, "fp32"), ("onnxruntime", bundle, "fp32"), ("onnxruntime", bundle, "int8")]
+    jobs = ([("torch", teacher, "fp32", "numpy")] if teacher else []) + [("torch", student, "fp32", "numpy")] + [
+        ("onnxruntime", bundle, pr, path) for pr in ("fp32", "int8") for path in ("numpy", "fused")]
     if C.gpu_name():
-        jobs += [(be, bundle, pr) for be in ("tensorrt", "tensorrt-rtx") for pr in ("fp16", "int8")]
+        jobs += [(be, bundle, pr, "numpy") for be in ("tensorrt", "tensorrt-rtx") for pr in ("fp16", "int8")]
     elif not quiet and teacher:
         click.echo("no CUDA GPU here: TensorRT FP16/INT8 rows skipped", err=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="regionkd-deploy-") as tmp, \
             progress_bar(total=len(jobs), desc=f"deploy latency ({bundle.manifest['model']['arch']})",
                          unit="config", quiet=quiet) as bar:
-        for runtime, what, precision in jobs:
+        for runtime, what, precision, path in jobs:
             rss_reset = reset_peak_rss()        # each configuration's own peak memory
             try:
                 if runtime == "torch":
                     model = open_checkpoint(what, threads=threads, batch_size=p.infer_batch)
                     seg = Segmenter.from_backend(model.backend, model.preprocessing, model.class_names,
                                                  organ_labels=model.organ_labels, batch_size=p.infer_batch)
-                    base = {"arch": model.arch, "role": model.role, "runtime": "torch", "precision": "fp32",
+                    base = {"arch": model.arch, "role": model.role, "runtime": "torch", "precision": "fp32", "path": path,
                             "model_file": Path(what).name, "bytes": model.size_bytes, "params": model.params,
                             "gflops_per_slice": gflops_of(what)}
                 else:
                     seg = Segmenter(bundle, backend=runtime, precision=precision, batch_size=p.infer_batch,
-                                    threads=threads)
+                                    threads=threads, fused=path == "fused")
                     model_file = seg.backend.model_path.name
                     base = {"arch": bundle.manifest["model"]["arch"], "role": "student", "runtime": seg.backend.name,
-                            "precision": precision, "model_file": model_file, "bytes": seg.model_size_bytes,
+                            "precision": precision, "path": path, "model_file": model_file, "bytes": seg.model_size_bytes,
                             "params": bundle.params, "gflops_per_slice": student_gflops,
                             "dice": bundle_dice(bundle.manifest, precision, model_file)}
             except RegionKDError as exc:
                 rows.append({"arch": bundle.manifest["model"]["arch"], "runtime": runtime, "precision": precision,
-                             "skipped": str(exc)})
+                             "path": path, "skipped": str(exc)})
                 bar.update(1)
                 continue
             base["volume_shape"] = shape
@@ -223,6 +228,36 @@ def _measure_student(p: Preset, teacher: Path | None, student: Path, bundle_dir:
                                        base))
             bar.update(1)
     return rows
+
+
+def measure_folders(p: Preset, bundle_dir: Path, volume: Path, threads: int, quiet: bool) -> tuple[list, dict]:
+    """Folder throughput of the student's bundle (FOLDER_VOLUMES copies of the timed volume) for
+    fp32 and int8, the numpy and the fused path, one after the other and pipelined; and the floor
+    of each precision (inflating the input + the network alone)."""
+    from regionkd.sdk.bench import measure_floor, measure_folder
+    from regionkd.sdk.bundle import load_bundle
+    from regionkd.sdk.console import progress_bar
+    from regionkd.sdk.segmenter import Segmenter
+
+    bundle = load_bundle(bundle_dir)
+    configs = [(pr, path, pipe) for pr in ("fp32", "int8") for path in ("numpy", "fused") for pipe in (False, True)]
+    rows, floors = [], {}
+    with tempfile.TemporaryDirectory(prefix="regionkd-folder-") as tmp, \
+            progress_bar(total=len(configs) + 2, desc="folder throughput", unit="config", quiet=quiet) as bar:
+        inputs = [Path(tmp) / f"case_{i:02d}.nii.gz" for i in range(FOLDER_VOLUMES)]
+        for path in inputs:
+            shutil.copyfile(volume, path)
+        for precision in ("fp32", "int8"):
+            floors[precision] = measure_floor(bundle, volume, precision, threads=threads, batch_size=p.infer_batch)
+            bar.update(1)
+        for k, (precision, path, pipelined) in enumerate(configs):
+            with Segmenter(bundle, backend="onnxruntime", precision=precision, batch_size=p.infer_batch,
+                           threads=threads, fused=path == "fused") as seg:
+                row = measure_folder(seg, inputs, Path(tmp) / f"out{k}", pipelined)
+            rows.append({"arch": bundle.manifest["model"]["arch"], "precision": precision, "path": path, **row,
+                         "floor_ms": floors[precision]["floor_ms"]})
+            bar.update(1)
+    return rows, floors
 
 
 # ----------------------------------------------------------------------------- derived numbers
@@ -240,9 +275,9 @@ def derive(rows: list, sgemm: dict) -> dict:
             r["dice_minus_fp32"] = {c: (v - fp32_dice[c]) if None not in (v, fp32_dice.get(c)) else None
                                     for c, v in r["dice"].items()}
 
-    def find(runtime, role=None, precision="fp32"):
+    def find(runtime, role=None, precision="fp32", path="numpy"):
         return next((r for r in measured if r["runtime"] == runtime and r["precision"] == precision
-                     and (role is None or r.get("role") == role)), None)
+                     and r.get("path", "numpy") == path and (role is None or r.get("role") == role)), None)
 
     def ratio(a, b, key="latency"):
         if a is None or b is None:
@@ -253,15 +288,18 @@ def derive(rows: list, sgemm: dict) -> dict:
 
     t, s = find("torch", "teacher"), find("torch", "student")
     o32, o8 = find("onnxruntime"), find("onnxruntime", precision="int8")
+    f32, f8 = find("onnxruntime", path="fused"), find("onnxruntime", precision="int8", path="fused")
     sdk = [r for r in measured if r["runtime"] != "torch"]
     best = min(sdk, key=lambda r: r["latency_ms"]["median"]) if sdk else None
     return {
         "teacher_torch / student_torch latency": ratio(t, s),
         "student_torch / student_sdk_fp32 latency": ratio(s, o32),
         "sdk fp32 / int8 latency": ratio(o32, o8),
+        "sdk fp32 / int8 latency (fused)": ratio(f32, f8),
+        "sdk numpy / fused latency (int8)": ratio(o8, f8),
         "sdk fp32 / int8 size": ratio(o32, o8, "bytes"),
         "teacher_torch / best student_sdk latency": ratio(t, best),
-        "best_sdk": None if best is None else f"{best['runtime']} {best['precision']}",
+        "best_sdk": None if best is None else f"{best['runtime']} {best['precision']} {best.get('path', 'numpy')}",
         "best_sdk_outside_inference_share": None if best is None else best["outside_inference_share"],
     }
 
@@ -274,11 +312,52 @@ def ratios_by_student(rows: list, sgemm: dict) -> dict:
             for a in archs}
 
 
-TARGETS = (("teacher_torch / best student_sdk latency", 10.0, ">="), ("sdk fp32 / int8 latency", 1.5, ">="),
-           ("best_sdk_outside_inference_share", 0.15, "<="))
+TARGETS = (("teacher_torch / best student_sdk latency", 20.0, ">="), ("sdk fp32 / int8 latency", 1.5, ">="),
+           ("sdk fp32 / int8 latency (fused)", 1.5, ">="),
+           ("pipelined folder outside-inference share (int8, best path)", 0.15, "<="))
 
 
-def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, by_student=None) -> str:
+def folder_ratios(folder_rows: list) -> dict:
+    """The folder runs' headline numbers: the best int8 configuration's pipelined share outside
+    inference, and what pipelining gains."""
+    def get(precision, path, pipelined):
+        return next((r for r in folder_rows if (r["precision"], r["path"], r["pipelined"]) ==
+                     (precision, path, pipelined)), None)
+
+    piped = [r for r in folder_rows if r["precision"] == "int8" and r["pipelined"]]
+    best = min(piped, key=lambda r: r["ms_per_volume"]) if piped else None
+    out = {"pipelined folder outside-inference share (int8, best path)":
+           None if best is None else best["outside_inference_share"],
+           "best int8 folder configuration": None if best is None else f"{best['path']} path, pipelined",
+           "best int8 folder ms per volume / floor": None if best is None else best["ms_per_volume"] / best["floor_ms"]}
+    for path in ("numpy", "fused"):
+        a, b = get("int8", path, False), get("int8", path, True)
+        out[f"sequential / pipelined folder time (int8, {path})"] = a["wall_ms"] / b["wall_ms"] if a and b else None
+    return out
+
+
+def folder_markdown(folder_rows: list, floors: dict) -> list:
+    lines = ["", f"Folder throughput: {FOLDER_VOLUMES} copies of the volume through `Segmenter.segment_files`, "
+             "after one warm-up volume; stage times are per volume (summed over the volumes / count); outside % is "
+             "the share of the wall time not spent in inference. Floor: inflating the input (ISA-L) + the "
+             "network alone on the prepared slices, per volume.", ""]
+    body = []
+    for r in folder_rows:
+        st = {k: v / r["volumes"] for k, v in r["stages_sum_ms"].items()}
+        body.append([r["precision"], r["path"], "pipelined" if r["pipelined"] else "sequential",
+                     f"{r['volumes_per_min']:.1f}", f"{r['ms_per_volume']:.0f}", f"{r['floor_ms']:.0f}",
+                     *(f"{st[k]:.0f}" for k in ("load", "preprocess", "inference", "postprocess", "write")),
+                     f"{100 * r['outside_inference_share']:.1f}", f"{r['peak_rss_mb']:.0f}"])
+    lines.append(C.markdown_table(["prec", "path", "mode", "volumes/min", "ms/volume", "floor ms", "load", "pre",
+                                   "infer", "post", "write", "outside %", "peak RSS MB"], body))
+    lines += ["", "Floor per volume: " + "; ".join(
+        f"{pr}: inflate {f['inflate_ms']:.0f} ms + network {f['network_ms']:.0f} ms = {f['floor_ms']:.0f} ms"
+        for pr, f in floors.items()) + "."]
+    return lines
+
+
+def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, by_student=None,
+                    folder=None) -> str:
     lines = [f"# Deployment report ({preset})", "", C.machine_line(machine), "", f"Command: `{command}`", "",
              volume_note, ""]
     header = ["model", "runtime", "prec", "median ms", "p95 ms", "load", "pre", "infer", "post", "write",
@@ -294,7 +373,8 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, 
             d = r.get("dice_minus_fp32") or {}
             dice = ", ".join(f"{c} {C.fmt(v)}" + (f" ({d[c]:+.3f})" if d.get(c) is not None and r["precision"] != "fp32" else "")
                              for c, v in r["dice"].items())
-        body.append([f"{r['arch']} ({r.get('role', '')})", r["runtime"], r["precision"],
+        body.append([f"{r['arch']} ({r.get('role', '')})", r["runtime"] + (" fused" if r.get("path") == "fused" else ""),
+                     r["precision"],
                      f"{r['latency_ms']['median']:.1f}", C.fmt(r["latency_ms"].get("p95"), 1),
                      *(f"{b[s]:.1f}" for s in ("load", "preprocess", "inference", "postprocess", "write")),
                      f"{100 * r['outside_inference_share']:.1f}", f"{r['bytes'] / 1e6:.3f}", f"{r['params']:,}",
@@ -303,10 +383,12 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, 
     lines += [C.markdown_table(header, body, align="lll" + "r" * (len(header) - 4) + "l"), ""]
     lines += [f"Machine ceiling: numpy float32 matmul {sgemm['n']}x{sgemm['n']} with {sgemm['threads']} thread(s): "
               f"{sgemm['gflops_per_s']:.1f} GFLOP/s (best of 5; median {sgemm['gflops_per_s_median']:.1f}).", ""]
+    if folder is not None:
+        lines += folder_markdown(*folder) + [""]
     lines += ["| ratio | value | target |", "| --- | ---: | --- |"]
     targets = {name: (value, op) for name, value, op in TARGETS}
     for name, v in ratios.items():
-        if name == "best_sdk":
+        if name in ("best_sdk", "best int8 folder configuration"):
             continue
         shown = C.fmt(v, 2) if "share" not in name else (f"{100 * v:.1f}%" if v is not None else "-")
         target = ""
@@ -325,7 +407,9 @@ def markdown_report(rows, sgemm, ratios, machine, command, preset, volume_note, 
             share = r[names[3]]
             lines.append(f"| {arch} | {C.fmt(r[names[0]], 2)} | {C.fmt(r[names[1]], 2)} | {C.fmt(r[names[2]], 2)} | "
                          f"{'-' if share is None else f'{100 * share:.1f}%'} | {r['best_sdk'] or '-'} |")
-    lines += ["", f"Best SDK configuration: {ratios['best_sdk']}.",
+    lines += ["", f"Best SDK configuration: {ratios['best_sdk']}"
+              + (f"; best int8 folder configuration: {ratios['best int8 folder configuration']}"
+                 if ratios.get("best int8 folder configuration") else "") + ".",
               "Latency: per volume, file to file (read NIfTI, preprocess, inference, postprocess incl. largest "
               "component, write mask), median over the repeats after warm-up (p95 from 20 repeats on). PyTorch rows run eager on "
               "the CPU with the SDK's pre/post-processing; their size is the fp32 weights (state dict). GFLOP/s: "
@@ -338,7 +422,7 @@ def chart(rows):
     def draw(fig):
         measured = [r for r in rows if "latency_ms" in r]
         ax = fig.subplots()
-        labels = [f"{r['arch']}\n{r['runtime']} {r['precision']}" for r in measured]
+        labels = [f"{r['arch']}\n{r['runtime']} {r['precision']}{' fused' if r.get('path') == 'fused' else ''}" for r in measured]
         bottom = [0.0] * len(measured)
         for stage in ("load", "preprocess", "inference", "postprocess", "write"):
             vals = [r["breakdown_ms"][stage] for r in measured]
@@ -421,12 +505,14 @@ def main(preset, teacher, student, bundle, volume, threads, repeat, work, result
     sgemm = numpy_sgemm(p.sgemm_n, p.threads)
     students = [(Path(student), Path(bundle))] + [(Path(s_), Path(b_)) for s_, b_ in extra]
     rows = measure_all(p, Path(teacher), students, Path(volume), p.threads, quiet)
+    folder_rows, floors = measure_folders(p, Path(bundle), Path(volume), p.threads, quiet)
     by_student = ratios_by_student(rows, sgemm)
-    ratios = next(iter(by_student.values()))           # the first student's: the one the report is about
+    ratios = {**next(iter(by_student.values())), **folder_ratios(folder_rows)}   # the first student's
     command = C.command_line("benchmarks/deploy.py", click.get_current_context())
     md = markdown_report(rows, sgemm, ratios, machine, command, preset, note + f" Wall time {time.perf_counter() - t0:.0f} s.",
-                         by_student if len(by_student) > 1 else None)
-    out_rows = rows + [{**sgemm, "machine": machine, "ratios": ratios, "ratios_by_student": by_student}]
+                         by_student if len(by_student) > 1 else None, folder=(folder_rows, floors))
+    out_rows = rows + [{"folder": r} for r in folder_rows] + [
+        {**sgemm, "machine": machine, "ratios": ratios, "ratios_by_student": by_student, "floors": floors}]
     paths = C.write_results(f"deploy-{preset}", out_rows, md, chart(rows), results)
     C.echo_results(md, paths, quiet)
     return 0

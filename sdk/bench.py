@@ -135,16 +135,17 @@ def measure(segmenter, volume: Path, out_dir: Path, warmup: int, repeat: int, rs
 
 
 def format_table(rows) -> str:
-    head = ["model", "backend", "prec", "median ms", "mean ± SD ms", "p95 ms", "p99 ms", "gpu ms", "load", "pre",
+    head = ["model", "backend", "prec", "path", "median ms", "mean ± SD ms", "p95 ms", "p99 ms", "gpu ms", "load", "pre",
             "infer", "post", "write", "outside %", "slices/s", "size MB", "params", "peak RSS MB"]
     lines = []
     for r in rows:
         if r.get("status") != "ok":
-            lines.append([r["model"], r["backend"], r["precision"], f"skipped: {r.get('reason', '')}"])
+            lines.append([r["model"], r["backend"], r["precision"], r.get("path", "numpy"),
+                          f"skipped: {r.get('reason', '')}"])
             continue
         st = r["stages_median_ms"]
         opt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append([r["model"], r["backend"], r["precision"], f"{r['median_ms']:.1f}",
+        lines.append([r["model"], r["backend"], r["precision"], r.get("path", "numpy"), f"{r['median_ms']:.1f}",
                       f"{r.get('mean_ms', r['median_ms']):.1f} ± {r.get('sd_ms', 0.0):.1f}", opt(r.get("p95_ms")),
                       opt(r.get("p99_ms")), opt(r.get("gpu_median_ms")),
                       *(f"{st[s]:.1f}" for s in STAGES), f"{100 * r['outside_inference_share']:.1f}",
@@ -180,14 +181,15 @@ def machine_info() -> dict:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _open_configuration(bundle, kind: str, which: str, precision: str, batch_size, threads, device):
-    """(Segmenter, the row's description) of one configuration: a bundle backend and precision, or a checkpoint."""
+def _open_configuration(bundle, kind: str, which: str, precision: str, path: str, batch_size, threads, device):
+    """(Segmenter, the row's description) of one configuration: a bundle backend, precision and path
+    (the fused model or the numpy pre/post-processing around the network), or a checkpoint."""
     from .backends import open_checkpoint
     from .segmenter import Segmenter
 
     if kind == "bundle":
         seg = Segmenter(bundle, backend=which, precision=precision, batch_size=batch_size, threads=threads,
-                        device=device)
+                        device=device, fused=path == "fused")
         return seg, {"backend": seg.backend.name, "model_file": seg.backend.model_path.name,
                      "size_bytes": seg.model_size_bytes, "params": bundle.params}
     model = open_checkpoint(Path(which), threads=threads, batch_size=batch_size)
@@ -195,6 +197,13 @@ def _open_configuration(bundle, kind: str, which: str, precision: str, batch_siz
                                  organ_labels=model.organ_labels, batch_size=batch_size)
     return seg, {"model": model.description, "backend": model.backend.name, "model_file": Path(which).name,
                  "size_bytes": model.size_bytes, "params": model.params}
+
+
+def _paths(bundle, backend: str, precision: str) -> tuple:
+    """The paths timed side by side: the fused model where the bundle ships one that this backend
+    runs (onnxruntime), and the numpy path always."""
+    fused = backend in ("auto", "onnxruntime") and bundle.has_file(precision, "onnxruntime", graph="fused")
+    return ("fused", "numpy") if fused else ("numpy",)
 
 
 def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",), precisions=None,
@@ -209,7 +218,8 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     precisions = list(precisions) if precisions else b.precisions
-    jobs = [("bundle", be, pr) for be in backends for pr in precisions] + [("checkpoint", str(c), "fp32")
+    jobs = [("bundle", be, pr, path) for be in backends for pr in precisions for path in _paths(b, be, pr)] + [
+        ("checkpoint", str(c), "fp32", "numpy")
                                                                            for c in checkpoints]
     rows = []
     with tempfile.TemporaryDirectory(prefix="regionkd-bench-") as tmp:
@@ -221,12 +231,12 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
             del data
         else:
             vol_info = describe_volume(volume)
-        for kind, which, precision in jobs:
+        for kind, which, precision, path in jobs:
             row = {"model": b.manifest["model"].get("name", "bundle") if kind == "bundle" else Path(which).name,
-                   "backend": which, "precision": precision}
+                   "backend": which, "precision": precision, "path": path}
             rss_reset = reset_peak_rss()        # this configuration's own peak, not an earlier one's
             try:
-                seg, described = _open_configuration(b, kind, which, precision, batch_size, threads, device)
+                seg, described = _open_configuration(b, kind, which, precision, path, batch_size, threads, device)
             except (RegionKDError, MissingDependencyError) as exc:
                 row.update(status="skipped", reason=str(exc))
                 if on_skip is not None:
@@ -248,3 +258,65 @@ def require_measured(report: dict) -> None:
     """Refuse a report in which no configuration could run, naming why each was skipped."""
     if not any(r.get("status") == "ok" for r in report["rows"]):
         raise InputError("nothing could be benchmarked: " + "; ".join(r.get("reason", "") for r in report["rows"]))
+
+
+def measure_folder(segmenter, inputs, out_dir: Path, pipelined: bool) -> dict:
+    """Throughput of `Segmenter.segment_files` over `inputs` (a warm-up volume first): volumes per
+    minute, the stage times summed over the volumes, the share of the wall time spent outside
+    inference, and the peak memory of this configuration."""
+    import time
+
+    segmenter.segment_file(inputs[0], Path(out_dir) / "warmup.nii.gz")
+    rss_reset = reset_peak_rss()
+    start = time.perf_counter()
+    outcomes = segmenter.segment_files(list(inputs), Path(out_dir) / ("pipelined" if pipelined else "sequential"),
+                                       pipelined=pipelined)
+    wall_ms = (time.perf_counter() - start) * 1000.0
+    failed = [o.error for o in outcomes if not o.ok]
+    if failed:
+        raise InputError("the folder run failed: " + "; ".join(failed))
+    stages = {s: float(sum(o.result.timings[s] for o in outcomes)) for s in STAGES}
+    rss, scope = peak_rss_mb()
+    return {"volumes": len(outcomes), "pipelined": bool(pipelined), "wall_ms": wall_ms,
+            "volumes_per_min": len(outcomes) / (wall_ms / 60000.0), "ms_per_volume": wall_ms / len(outcomes),
+            "stages_sum_ms": stages, "outside_inference_share": 1.0 - stages["inference"] / wall_ms,
+            "peak_rss_mb": rss, "peak_rss_scope": scope if rss_reset or scope == "process" else "process"}
+
+
+def measure_floor(bundle, volume: Path, precision: str, threads=None, batch_size=None, repeat: int = 3) -> dict:
+    """What no pipeline can go below on this machine for `volume`: inflating its gzip stream (ISA-L,
+    as the SDK reads it) plus running the network alone over its slices (inputs prepared beforehand),
+    medians of `repeat` runs."""
+    import time
+
+    from isal import isal_zlib
+
+    from .backends import create_backend
+    from .orientation import slice_geometry, to_canonical
+    from .preprocess import preprocess_slices, volume_to_slices
+    from .volume_io import read_nifti
+
+    blob = Path(volume).read_bytes()
+    inflate = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        isal_zlib.decompress(blob, wbits=31) if blob[:2] == b"\x1f\x8b" else blob
+        inflate.append((time.perf_counter() - t0) * 1000.0)
+    vol = read_nifti(volume)
+    canonical = to_canonical(np.asarray(vol.data, np.float32), vol.affine,
+                             ornt=slice_geometry(vol.affine).ornt)
+    backend = create_backend("onnxruntime", bundle, precision, threads=threads, batch_size=batch_size, fused=False)
+    prep = bundle.preprocessing
+    batches = [preprocess_slices(volume_to_slices(canonical.data)[i:i + backend.max_batch], prep["window"],
+                                 prep["input_size"]) for i in range(0, canonical.data.shape[2], backend.max_batch)]
+    network = []
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for batch in batches:
+                backend.run(batch)
+            network.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        backend.close()
+    inflate_ms, network_ms = float(np.median(inflate)), float(np.median(network))
+    return {"inflate_ms": inflate_ms, "network_ms": network_ms, "floor_ms": inflate_ms + network_ms}

@@ -97,7 +97,7 @@ def test_deploy_derived_numbers_by_hand():
     assert ratios["sdk fp32 / int8 latency"] == pytest.approx(1.5)
     assert ratios["sdk fp32 / int8 size"] == pytest.approx(4.0)
     assert ratios["teacher_torch / best student_sdk latency"] == pytest.approx(12.0)
-    assert ratios["best_sdk"] == "onnxruntime int8"
+    assert ratios["best_sdk"] == "onnxruntime int8 numpy"
 
 
 # ----------------------------------------------------------------------------- kd_ablation smoke
@@ -249,12 +249,14 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
     md = (results / "deploy-smoke.md").read_text()
     assert "teacher_torch / best student_sdk latency" in md and "numpy float32 matmul" in md
 
-    sgemm = [r for r in rows if r["runtime"] == "numpy-sgemm"]
+    sgemm = [r for r in rows if r.get("runtime") == "numpy-sgemm"]
     assert len(sgemm) == 1 and sgemm[0]["gflops_per_s"] > 0 and sgemm[0]["threads"] == 1
     measured = [r for r in rows if "latency_ms" in r]
-    assert [(r["arch"], r["runtime"], r["precision"]) for r in measured][:4] == [
-        ("raunet", "torch", "fp32"), ("enet", "torch", "fp32"), ("enet", "onnxruntime", "fp32"),
-        ("enet", "onnxruntime", "int8")]
+    assert [(r["arch"], r["runtime"], r["precision"], r["path"]) for r in measured][:6] == [
+        ("raunet", "torch", "fp32", "numpy"), ("enet", "torch", "fp32", "numpy"),
+        ("enet", "onnxruntime", "fp32", "numpy"), ("enet", "onnxruntime", "fp32", "fused"),
+        ("enet", "onnxruntime", "int8", "numpy"), ("enet", "onnxruntime", "int8", "fused")]
+    measured = [r for r in measured if r["path"] == "numpy"]           # the checks below: the numpy-path rows
     bundle = load_bundle(work / "bundle")
     for r in measured:
         assert {"arch", "runtime", "precision", "volume_shape", "latency_ms", "breakdown_ms", "bytes", "params",
@@ -282,7 +284,18 @@ def test_deploy_smoke_rows_follow_the_schema(tmp_path):
     assert [(r["arch"], r["runtime"], r["precision"]) for r in measured][4:7] == [
         ("tinynet", "torch", "fp32"), ("tinynet", "onnxruntime", "fp32"), ("tinynet", "onnxruntime", "int8")]
     by_student = sgemm[0]["ratios_by_student"]
-    assert list(by_student) == ["enet", "tinynet"] and by_student["enet"] == ratios
+    assert list(by_student) == ["enet", "tinynet"] and by_student["enet"].items() <= ratios.items()
+    # folder throughput of the first student: both precisions, both paths, sequential and pipelined
+    folder = [r["folder"] for r in rows if "folder" in r]
+    assert [(r["precision"], r["path"], r["pipelined"]) for r in folder] == [
+        (pr, path, pipe) for pr in ("fp32", "int8") for path in ("numpy", "fused") for pipe in (False, True)]
+    for r in folder:
+        assert r["volumes"] == deploy.FOLDER_VOLUMES and r["volumes_per_min"] > 0 and r["floor_ms"] > 0
+        assert r["ms_per_volume"] == pytest.approx(r["wall_ms"] / r["volumes"])
+        assert r["stages_sum_ms"]["inference"] > 0 and 0 < r["outside_inference_share"] < 1
+    floors = sgemm[0]["floors"]
+    assert floors["int8"]["floor_ms"] == pytest.approx(floors["int8"]["inflate_ms"] + floors["int8"]["network_ms"])
+    assert "Folder throughput" in md and "pipelined folder outside-inference share" in md
     assert by_student["tinynet"]["teacher_torch / student_torch latency"] == pytest.approx(
         measured[0]["latency_ms"]["median"] / measured[4]["latency_ms"]["median"])
     assert "| tinynet |" in md and (work / "bundle-tinynet" / "manifest.json").is_file()

@@ -173,7 +173,10 @@ class TaintCollector:
                 elif isinstance(node, ast.Return) and node.value is not None:
                     kind = self.kind_of(node.value)
                     fn = self._scopes(node)[0]
-                    if kind and (isinstance(kind, str) or any(kind)) and self.returns.get(fn.name) != kind:
+                    # a function with several returns keeps the one that says most (the most module
+                    # names in it), so returns of different shapes cannot take turns forever
+                    if kind and (isinstance(kind, str) or any(kind)) and \
+                            _known(kind) > _known(self.returns.get(fn.name)):
                         self.returns[fn.name] = kind
                         changed = True
         for node in ast.walk(self.tree):
@@ -192,6 +195,13 @@ class TaintCollector:
                     if isinstance(kind, str):
                         self.uses.update((kind, a, node.name) for a in attrs)
         return self.uses
+
+
+def _known(kind) -> int:
+    """How many module names (str leaves) a kind holds."""
+    if isinstance(kind, str):
+        return 1
+    return sum(_known(k) for k in kind) if isinstance(kind, tuple) else 0
 
 
 def collect(path: Path) -> set[tuple[str, str, str]]:

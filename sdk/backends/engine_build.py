@@ -145,8 +145,8 @@ def _input_profile(chw, max_batch: int) -> tuple:
     full batches, only the last is smaller); a fused model's matrix over FUSED_MATRIX."""
     b = int(max_batch)
     if chw[1] == -1:
-        (h0, w0), (h1, w1), (h2, w2) = FUSED_MATRIX
-        return (1, chw[0], h0, w0), (b, chw[0], h1, w1), (b, chw[0], h2, w2)
+        low, opt, high = FUSED_MATRIX
+        return (1, chw[0], *low), (b, chw[0], *opt), (b, chw[0], *high)
     return (1, *chw), (b, *chw), (b, *chw)
 
 
@@ -229,7 +229,8 @@ def _build_engine(onnx_path, engine_path, backend, max_batch, workspace_mb, timi
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, *_input_profile(chw, max_batch))
+    shape_min, shape_opt, shape_max = _input_profile(chw, max_batch)
+    profile.set_shape(input_name, shape_min, shape_opt, shape_max)
     config.add_optimization_profile(profile)
 
     engine_path = Path(engine_path)
