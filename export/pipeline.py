@@ -254,10 +254,17 @@ def _validate(run: ExportRun) -> None:
                                "max_dice_drop": run.opts.max_dice_drop, "dice": VALIDATION_METHOD}
 
 
+AGREEMENT_VOLUMES = 4                 # validation volumes the fused models are checked on, at most
+
+
 def _agreement_volumes(run: ExportRun):
-    """The volumes the fused models are checked on: the validation volumes, else a synthetic CT."""
+    """The volumes the fused models are checked on: the first AGREEMENT_VOLUMES validation volumes,
+    else a synthetic CT."""
     if run.opts.val is not None:
-        yield from (case.volume for case in iter_cases(run.opts.val))
+        for k, case in enumerate(iter_cases(run.opts.val)):
+            if k == AGREEMENT_VOLUMES:
+                return
+            yield case.volume
         return
     from regionkd.sdk.bench import synthetic_ct
     from regionkd.sdk.orientation import to_canonical
