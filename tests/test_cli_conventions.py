@@ -6,7 +6,7 @@ import importlib
 
 import click
 import pytest
-from conftest import run_main
+from tests.helpers import run_main
 
 from regionkd.sdk import __version__
 

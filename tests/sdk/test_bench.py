@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_main
+from tests.helpers import run_main
 
 from regionkd.sdk.bench import format_table, percentile, synthetic_ct
 from regionkd.sdk.cli_bench import main
@@ -148,7 +148,7 @@ def test_percentiles_need_enough_runs_and_peaks_are_per_configuration(tiny_bundl
 
 def test_bench_times_a_dicom_series_folder_with_the_auto_backend(tiny_bundle, tmp_path, capsys):
     pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
-    from conftest import make_phantom
+    from tests.helpers import make_phantom
 
     from regionkd.sdk.dicom_write import write_ct_series
 

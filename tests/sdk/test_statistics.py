@@ -9,7 +9,7 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import AIR, FAT, LIVER, TUMOUR, build_tiny_bundle, run_main
+from tests.helpers import AIR, FAT, LIVER, TUMOUR, build_tiny_bundle, run_main
 
 from regionkd.sdk import Segmenter, compute_statistics
 from regionkd.sdk.cli_segment import main

@@ -7,7 +7,7 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import EXACT_SHAPE, build_tiny_bundle, expected_labels_from_hu, make_phantom
+from tests.helpers import EXACT_SHAPE, build_tiny_bundle, expected_labels_from_hu, make_phantom
 from nibabel import orientations as nio
 
 from regionkd.sdk.errors import InputError

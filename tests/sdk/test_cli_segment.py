@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_phantom, run_main
+from tests.helpers import make_phantom, run_main
 from PIL import Image
 
 from regionkd.sdk.cli_segment import main

@@ -15,8 +15,8 @@ import pytest
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed")
 pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
 
-from _services import dciodvfy  # noqa: E402
-from conftest import build_tiny_bundle, run_main, write_phantom_series  # noqa: E402
+from tests.services import dciodvfy  # noqa: E402
+from tests.helpers import build_tiny_bundle, run_main, write_phantom_series  # noqa: E402
 
 from regionkd.sdk import Segmenter  # noqa: E402
 from regionkd.sdk.cli_segment import main  # noqa: E402
@@ -116,7 +116,7 @@ def test_dciodvfy_reports_no_error_and_no_unexplained_warning(tiny_bundle, serie
 
 
 def test_a_class_the_model_did_not_find_still_has_its_empty_segment(tiny_bundle, tmp_path):
-    from conftest import AIR
+    from tests.helpers import AIR
 
     from regionkd.sdk.dicom_write import write_ct_series
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 IMPORT_CHECK = """
 import json, sys

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import _gpu_wheels as W  # noqa: E402
+import _gpu_wheels as W  # noqa: E402  (benchmarks/ is on pytest's pythonpath: setup.cfg)
 
 SECTIONS = ("environment", "pytorch_latency", "distillation", "sdk_torch", "tensorrt_rtx")
 

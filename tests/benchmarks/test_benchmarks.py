@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import _common as C  # noqa: E402
+import _common as C  # noqa: E402  (benchmarks/ is on pytest's pythonpath: setup.cfg)
 import deploy  # noqa: E402
 import distill_step_cost  # noqa: E402
 import kd_ablation  # noqa: E402

@@ -4,7 +4,7 @@ retrieves it (WADO-RS), segments it and stores a DICOM SEG into the same study (
 read back from Orthanc equals the local result frame for frame. A PACS that is down, answers 4xx
 or 5xx, gives a partial series or holds no CT leaves a clear error and nothing stored.
 
-Orthanc comes from .ci/run (REGIONKD_ORTHANC_URL) or is started by the tests (tests/_services.py);
+Orthanc comes from .ci/run (REGIONKD_ORTHANC_URL) or is started by the tests (tests/services.py);
 under CI a missing Orthanc fails these tests instead of skipping them.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installe
 pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
 pytest.importorskip("dicomweb_client", reason="the dicom extra (dicomweb-client) is not installed")
 
-from _proxy import FaultyProxy  # noqa: E402
-from _services import dciodvfy, free_port  # noqa: E402
-from conftest import run_main, write_phantom_series  # noqa: E402
+from tests.proxy import FaultyProxy  # noqa: E402
+from tests.services import dciodvfy, free_port  # noqa: E402
+from tests.helpers import run_main, write_phantom_series  # noqa: E402
 
 from regionkd.sdk.cli_segment import main  # noqa: E402
 from regionkd.sdk.dicom_seg import labels_from_segmentation  # noqa: E402

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB = Path(__file__).resolve().parent / "data" / "tensorrt-api"
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = Path(__file__).resolve().parents[1] / "data" / "tensorrt-api"
 SOURCES = [REPO / "sdk" / "backends" / "engine_build.py", REPO / "sdk" / "backends" / "tensorrt_backend.py"]
 TRT_VERSIONS = ("10.3", "10.13", "11.4")
 PYCUDA_VOCAB = "names-pycuda-2026.1.txt"

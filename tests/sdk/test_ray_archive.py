@@ -13,7 +13,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_phantom
+from tests.helpers import make_phantom
 
 ray = pytest.importorskip("ray", reason="the batch extra (ray) is not installed")
 

@@ -285,9 +285,9 @@ def _other_model_bytes(tmp_path):
     """A valid ONNX model of the same size class that labels everything differently."""
     import numpy as np
     import onnx
-    from conftest import _conv_graph
+    from tests.helpers import conv_graph
 
-    graph = _conv_graph("fp32", (32, 32))
+    graph = conv_graph("fp32", (32, 32))
     from onnx import numpy_helper
     graph.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([10.0, -10.0, 0.0], np.float32)
                                                                 .reshape(3, 1, 1, 1), "W"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_phantom, run_main
+from tests.helpers import make_phantom, run_main
 
 from regionkd.sdk.preview import COLOURS, LEGEND_H, body_box, choose_slices, montage
 

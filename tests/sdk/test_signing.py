@@ -11,7 +11,7 @@ import shutil
 import stat
 
 import pytest
-from conftest import run_main
+from tests.helpers import run_main
 
 from regionkd.sdk.bundle import load_bundle
 from regionkd.sdk.cli_segment import main as segment_main

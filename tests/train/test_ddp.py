@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from _training_fixtures import write_phantom_lits
+from tests.training_data import write_phantom_lits
 from regionkd.train.checkpoint import load_model, log_path_for, params_sha256
 from regionkd.train.config import make_config
 from regionkd.train.sampling import epoch_batches

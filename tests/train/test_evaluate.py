@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from _training_fixtures import write_lits_case
+from tests.training_data import write_lits_case
 from regionkd.sdk.errors import InputError
 from regionkd.train.checkpoint import CheckpointError, save_checkpoint
 from regionkd.train.evaluate import count_cases, evaluate_checkpoint

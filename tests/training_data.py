@@ -1,5 +1,4 @@
-"""Data for the training tests (imported by test_trainer/test_ddp/test_evaluate; pytest only
-reads conftest.py, which belongs to the SDK tests)."""
+"""Data for the training tests: phantom datasets written in the LiTS layout."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -313,7 +313,7 @@ def test_validation_dice_is_the_dice_of_the_masks_the_segmenter_gives(exact_bund
     order (here flipped left-right, so canonical and file order differ): the hand-built threshold
     model over a phantom whose stray liver-density blob only the largest-component step removes
     gives a perfect Dice with that step and a lower liver Dice without it."""
-    from conftest import EXACT_SHAPE, TINY_CLASSES, expected_labels_from_hu, make_phantom
+    from tests.helpers import EXACT_SHAPE, TINY_CLASSES, expected_labels_from_hu, make_phantom
 
     from regionkd.export.validation import evaluate_dice
     from regionkd.sdk.bundle import load_bundle

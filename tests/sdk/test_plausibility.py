@@ -10,7 +10,7 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_phantom, run_main
+from tests.helpers import make_phantom, run_main
 
 from regionkd.sdk.cli_segment import main
 from regionkd.sdk.errors import InputError
@@ -196,7 +196,7 @@ def test_spacing_far_from_the_training_spacing_is_warned(tiny_bundle, tmp_path, 
 def test_a_bundle_without_training_spacing_says_spacing_was_not_checked(tmp_path):
     import json
 
-    from conftest import build_tiny_bundle
+    from tests.helpers import build_tiny_bundle
 
     root = build_tiny_bundle(tmp_path / "old.bundle", precisions=("fp32",))
     manifest = json.loads((root / "manifest.json").read_text())

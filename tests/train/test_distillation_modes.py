@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from _training_fixtures import write_phantom_lits
+from tests.training_data import write_phantom_lits
 from regionkd.sdk.errors import InputError
 from regionkd.train import losses as L
 from regionkd.train.checkpoint import load_checkpoint, log_path_for

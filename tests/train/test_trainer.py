@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from _training_fixtures import write_phantom_lits
+from tests.training_data import write_phantom_lits
 from regionkd.sdk.errors import InputError, RegionKDError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for

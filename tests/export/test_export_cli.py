@@ -17,7 +17,7 @@ data_mod = pytest.importorskip("regionkd.train.data")
 if not hasattr(data_mod, "open_dataset"):
     pytest.skip("regionkd.train.data.open_dataset (the dataset readers) is not available yet", allow_module_level=True)
 
-from conftest import LIVER, TUMOUR, make_phantom, run_main  # noqa: E402
+from tests.helpers import LIVER, TUMOUR, make_phantom, run_main  # noqa: E402
 
 from regionkd.export.cli import main  # noqa: E402
 from regionkd.export.pipeline import ExportOptions, export_bundle  # noqa: E402
@@ -242,7 +242,7 @@ def test_max_dice_drop_zero_refuses_any_loss_and_writes_nothing(exported, data, 
 
 
 def test_export_signs_with_sign_key_and_records_the_training_spacing(data, checkpoint, tmp_path, capsys):
-    from conftest import run_main
+    from tests.helpers import run_main
 
     from regionkd.sdk.signing import generate_keypair
     from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
@@ -268,7 +268,7 @@ def test_export_signs_with_sign_key_and_records_the_training_spacing(data, check
 
 def test_the_defaults_work_without_any_data(checkpoint, tmp_path, capsys):
     """`regionkd-export CKPT --out DIR`: fp32 + fp16 (no int8 without --calib), parity on a synthetic CT."""
-    from conftest import run_main
+    from tests.helpers import run_main
 
     out = tmp_path / "plain.bundle"
     code, stdout, err = run_main(main, [checkpoint, "--out", out], capsys)
@@ -282,7 +282,7 @@ def test_the_defaults_work_without_any_data(checkpoint, tmp_path, capsys):
 
 
 def test_int8_without_calib_is_refused_before_any_work_or_progress_bar(checkpoint, tmp_path, capsys):
-    from conftest import run_main
+    from tests.helpers import run_main
 
     code, stdout, err = run_main(main, [checkpoint, "-o", tmp_path / "b", "--precisions", "fp32,int8"], capsys)
     assert code == 1 and "--calib" in err
@@ -293,7 +293,7 @@ def test_int8_without_calib_is_refused_before_any_work_or_progress_bar(checkpoin
 
 
 def test_metadata_fields_and_provenance_without_absolute_paths(data, checkpoint, tmp_path, capsys):
-    from conftest import run_main
+    from tests.helpers import run_main
 
     from regionkd.train.checkpoint import load_checkpoint, save_checkpoint
 

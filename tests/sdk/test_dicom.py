@@ -80,7 +80,7 @@ def test_geometry_and_hu_from_the_series(tmp_path, orientation, step):
 
 
 def test_segmenting_a_dicom_folder_matches_the_nifti(tiny_bundle, tmp_path, capsys):
-    from conftest import make_phantom
+    from tests.helpers import make_phantom
 
     hu, _ = make_phantom(shape=(20, 18, 6), with_distractor=False)     # (x, y, z) in DICOM LPS order here
     stored = np.transpose(hu, (2, 1, 0)).astype(np.int16) + 1024        # (slices, rows=y, cols=x)
@@ -173,7 +173,7 @@ def test_a_series_over_the_voxel_limit_is_refused_before_decoding(tmp_path):
 
 
 def test_a_bad_series_among_good_inputs_is_reported_and_the_rest_segmented(tiny_bundle, phantom_nifti, tmp_path, capsys):
-    from conftest import run_main
+    from tests.helpers import run_main
 
     files = _series(tmp_path / "bad_series")
     _drop("RescaleIntercept")(files[1])
