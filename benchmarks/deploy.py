@@ -62,7 +62,7 @@ PRESETS = {
     # the paper's 384x384 network input; the models are trained only briefly (latency does not depend
     # on the weights); pass --teacher/--student/--bundle to time converged ones
     "cpu": Preset(volume_shape=(512, 512, 100), cases=6, data_shape=(384, 384, 32), input_size=384, teacher="raunet",
-                  student="enet", teacher_steps=12, student_steps=60, batch_size=2, repeat=5, warmup=1, threads=2,
+                  student="mobilenetv2", teacher_steps=12, student_steps=60, batch_size=2, repeat=5, warmup=1, threads=2,
                   sgemm_n=2048, calib_slices=100),
 }
 

@@ -159,6 +159,11 @@ def format_table(rows) -> str:
 
     out = [fmt(head), "-+-".join("-" * w for w in widths)]
     out += [fmt(l) if len(l) == len(head) else " | ".join(l) for l in lines]
+    for r in rows:
+        for mode, f in (r.get("folder") or {}).items():
+            out.append(f"folder {r['backend']} {r['precision']} {r['path']} {mode}: {f['volumes']} volumes, "
+                       f"{f['volumes_per_min']:.1f}/min, {f['ms_per_volume']:.0f} ms each, "
+                       f"{100 * f['outside_inference_share']:.1f}% outside inference, peak RSS {f['peak_rss_mb']:.0f} MB")
     return "\n".join(out)
 
 
@@ -199,6 +204,21 @@ def _open_configuration(bundle, kind: str, which: str, precision: str, path: str
                  "size_bytes": model.size_bytes, "params": model.params}
 
 
+def _folder_runs(segmenter, volume: Path, folder: Path, count: int) -> dict:
+    """{"sequential": ..., "pipelined": ...} measure_folder rows over `count` copies of `volume`."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    suffix = ".nii.gz" if volume.name.endswith(".gz") else ".nii"
+    inputs = []
+    for i in range(count):
+        target = folder / f"in{i:03d}{suffix}"
+        shutil.copytree(volume, target) if volume.is_dir() else shutil.copyfile(volume, target)
+        inputs.append(target)
+    return {mode: measure_folder(segmenter, inputs, folder / mode, mode == "pipelined")
+            for mode in ("sequential", "pipelined")}
+
+
 def _paths(bundle, backend: str, precision: str) -> tuple:
     """The paths timed side by side: the fused model where the bundle ships one that this backend
     runs (onnxruntime), and the numpy path always."""
@@ -208,12 +228,14 @@ def _paths(bundle, backend: str, precision: str) -> tuple:
 
 def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",), precisions=None,
                   checkpoints=(), device: int = 0, repeat: int = 10, warmup: int = 1, batch_size=None,
-                  threads=None, progress=None, on_skip=None) -> dict:
+                  threads=None, progress=None, on_skip=None, folder_volumes: int = 0) -> dict:
     """Time every (backend, precision) of `bundle` and every training checkpoint in `checkpoints` on
     `volume` (a NIfTI file or DICOM series folder; default: a synthetic CT of `shape`). Returns the
     report {bundle, volume, machine, settings, rows}; a configuration that cannot run here becomes a
     row with status "skipped" and its reason (`on_skip(row)` is called; `require_measured` says
-    whether anything ran). `progress(1)` is called after each configuration."""
+    whether anything ran). `progress(1)` is called after each configuration. `folder_volumes`: also
+    the throughput of each configuration over that many copies of the volume, one after the other
+    and pipelined (`measure_folder`), in the row's "folder"."""
     from .bundle import Bundle, load_bundle
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -245,6 +267,8 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
                 row.update(described)
                 with seg:
                     row.update(measure(seg, Path(volume), tmp, warmup, repeat, rss_reset=rss_reset), status="ok")
+                    if folder_volumes:
+                        row["folder"] = _folder_runs(seg, Path(volume), tmp / f"folder{len(rows)}", folder_volumes)
             rows.append(row)
             if progress is not None:
                 progress(1)

@@ -2,7 +2,7 @@
 
 A row says what a file's manifest entry holds (precision, flavour, format, the backends that may
 run it) and where the file lives in the bundle. The export writes its files by these rows
-(`regionkd.export.bundle_writer`), the manifest schema takes its precisions, formats and backend
+(the exporter's bundle writer), the manifest schema takes its precisions, formats and backend
 names from them (`regionkd.sdk.manifest_schema`), and the backends name and find the files they
 open by the same rows, so the writer, the reader and the runtime cannot disagree on a name.
 
@@ -14,7 +14,7 @@ since an engine runs only where those match.
 
 Every ONNX network has a fused twin (`graph: "fused"`, `model.<key>.fused.onnx`): raw HU slices at
 their native matrix in, uint8 labels out, the window, both resizes and the argmax inside the
-graph (`regionkd.export.fused`). The runtime uses it where the manifest lists it.
+graph (made by the exporter). The runtime uses it where the manifest lists it.
 """
 from __future__ import annotations
 

@@ -52,14 +52,19 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path),
               help="Also time this training checkpoint (teacher or student .pt) through the same pre- and "
                    "post-processing, eager on the CPU (repeatable; needs the train extra).")
+@click.option("--folder", "folder_volumes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also time each configuration over a folder of this many copies of the volume, one after the "
+                   "other and pipelined (the next read and the previous written while one is inferred): volumes "
+                   "per minute and the share of time outside inference.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the table.")
 @version_option
 def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, batch_size, threads, checkpoints,
-          json_out, quiet):
+          folder_volumes, json_out, quiet):
     """Time BUNDLE on one CT volume: per-volume latency (median, mean, SD, p95/p99 with enough runs) with
     the stage breakdown (load, preprocess, inference, postprocess, write), GPU compute time, slices/s,
-    model size, parameters, each configuration's own peak memory."""
+    model size, parameters, each configuration's own peak memory. Where the bundle ships fused models
+    (pre- and post-processing inside the graph) they are timed beside the numpy path."""
     from .backends import BACKENDS
     from .bench import format_table, require_measured, run_benchmark
     from .bundle import load_bundle
@@ -78,7 +83,8 @@ def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, b
 
         report = run_benchmark(b, volume=volume, shape=shape, backends=backend_list, precisions=precision_list,
                                checkpoints=checkpoints, device=device, repeat=repeat, warmup=warmup,
-                               batch_size=batch_size, threads=threads, progress=bar.update, on_skip=skipped)
+                               batch_size=batch_size, threads=threads, progress=bar.update, on_skip=skipped,
+                               folder_volumes=folder_volumes)
     report["bundle"] = str(bundle)
     click.echo(format_table(report["rows"]))
     if json_out is not None:

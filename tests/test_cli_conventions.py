@@ -1,4 +1,4 @@
-"""What every regionkd CLI shares (issue 13): --version, the same spelling of the output option
+"""What every regionkd CLI shares: --version, the same spelling of the output option
 (-o / --out / --output) and of the precision option (--precision / --precisions), help on every option."""
 from __future__ import annotations
 

@@ -165,3 +165,30 @@ def test_bench_times_a_dicom_series_folder_with_the_auto_backend(tiny_bundle, tm
     import shutil
     if shutil.which("nvidia-smi") is None:
         assert row["backend"] == "onnxruntime"        # what auto chooses without a GPU
+
+
+def test_bench_times_the_fused_model_beside_the_numpy_path_and_a_folder(tiny_bundle, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    import shutil
+
+    from regionkd.export.fused import build_fused
+    from regionkd.sdk.bundle import load_bundle
+
+    bundle = tmp_path / "fused.bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    prep = load_bundle(bundle).preprocessing
+    build_fused(bundle / "model.fp32.onnx", bundle / "model.fp32.fused.onnx", prep["window"], prep["input_size"])
+    load_bundle(bundle).register_file(bundle / "model.fp32.fused.onnx", format="onnx", precision="fp32",
+                                      flavour="reference", graph="fused", backends=["onnxruntime"])
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run([bundle, "--shape", "40,36,6", "--precisions", "fp32", "--repeat", "2", "--folder", "3",
+                           "--json", out, "--quiet"], capsys)
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["precision"], r["path"], r["model_file"]) for r in rows] == [
+        ("fp32", "fused", "model.fp32.fused.onnx"), ("fp32", "numpy", "model.fp32.onnx")]
+    for r in rows:
+        assert set(r["folder"]) == {"sequential", "pipelined"}
+        for f in r["folder"].values():
+            assert f["volumes"] == 3 and f["volumes_per_min"] > 0 and 0 < f["outside_inference_share"] < 1
+    assert "fused" in stdout and "folder onnxruntime fp32 fused pipelined: 3 volumes" in stdout

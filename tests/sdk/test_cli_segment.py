@@ -97,7 +97,7 @@ def test_folder_input_quiet_and_preview(tiny_bundle, phantom_nifti, tmp_path, ca
     out_dir = tmp_path / "masks"
     code, out, err = run([tiny_bundle, folder, "-o", out_dir, "--backend", "onnxruntime", "--quiet",
                           "--preview", tmp_path / "prev.png"], capsys)
-    # --quiet: no progress bar, banner or summary, but each volume's result line (issue 13)
+    # --quiet: no progress bar, banner or summary, but each volume's result line
     assert code == 0 and err == ""
     assert [l.split(" (")[0] for l in out.splitlines()] == [str(folder / "a.nii.gz"), str(folder / "b.nii.gz")]
     assert leftovers(out_dir) == ["a.nii.gz", "b.nii.gz"]
@@ -144,7 +144,7 @@ def test_several_inputs_need_an_output_folder(tiny_bundle, phantom_nifti, tmp_pa
     assert code == 1 and "output folder" in err
 
 
-# ---------------------------------------------------------------- issue 12: one file never stops a batch
+# ---------------------------------------------------------------- one file never stops a batch
 
 def _huge_header(path, shape=(30000, 30000, 30000)):
     import gzip

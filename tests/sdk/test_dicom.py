@@ -116,7 +116,7 @@ def test_bad_series_are_refused(tmp_path):
         read_dicom_series(tmp_path / "mixed")
 
 
-# ---------------------------------------------------------------- issue 12: every bad slice is named
+# ---------------------------------------------------------------- every bad slice is named
 
 def _series(folder, n=4):
     stored = np.full((n, 6, 7), 1064, dtype=np.int16)

@@ -1,4 +1,4 @@
-"""DICOM SEG output (issue 13): written with highdicom, read back voxel for voxel equal to the NIfTI
+"""DICOM SEG output: written with highdicom, read back voxel for voxel equal to the NIfTI
 mask of the same run (with highdicom and, independently, with pydicom alone), coded with SNOMED CT,
 identifying the algorithm and the bundle's manifest, referencing the source series, and valid
 for dciodvfy (no errors, no warnings)."""

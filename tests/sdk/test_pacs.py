@@ -1,4 +1,4 @@
-"""A real PACS round trip (issue 13): a phantom written as a DICOM CT series goes into Orthanc over
+"""A real PACS round trip: a phantom written as a DICOM CT series goes into Orthanc over
 DICOMweb (STOW-RS), `regionkd-segment BUNDLE --dicomweb URL --study UID` queries it (QIDO-RS),
 retrieves it (WADO-RS), segments it and stores a DICOM SEG into the same study (STOW-RS); the SEG
 read back from Orthanc equals the local result frame for frame. A PACS that is down, answers 4xx

@@ -1,4 +1,4 @@
-"""Input that is not a plausible CT is refused, not segmented confidently (issue 12, section 3):
+"""Input that is not a plausible CT is refused, not segmented confidently:
 constant images, not Hounsfield units, absurd scaling, complex voxels, no geometry, an ambiguous
 axial plane. --allow-implausible turns those refusals into warnings; obliquity and spacing far from
 the training spacing are always warned, in result.warnings and on the CLI's per-volume line."""

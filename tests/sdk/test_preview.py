@@ -1,4 +1,4 @@
-"""The preview (issue 13): cropped to the body, one colour per class with a legend, lesions outlined,
+"""The preview: cropped to the body, one colour per class with a legend, lesions outlined,
 tiles labelled with slice index and z, orientation letters, slices where the organ and the lesions
 are, a sensible size, and a reference drawn beside the prediction."""
 from __future__ import annotations

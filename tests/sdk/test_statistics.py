@@ -1,4 +1,4 @@
-"""Statistics (issue 13): per class voxels, volume in ml, HU mean/SD/min/max; lesions: count, largest
+"""Statistics: per class voxels, volume in ml, HU mean/SD/min/max; lesions: count, largest
 volume and longest in-plane diameter. The volume of a phantom of known geometry is checked to 2%,
 through the whole pipeline (the tiny threshold model segments its ellipsoid and spheres exactly)."""
 from __future__ import annotations

@@ -139,7 +139,7 @@ def test_unknown_kind_is_a_programming_error(tmp_path):
         read_nifti(tmp_path / "x.nii", kind="mask")
 
 
-# ---------------------------------------------------------------- issue 12: no file can exhaust memory
+# ---------------------------------------------------------------- no file can exhaust memory
 
 def _header_only(path, shape, dtype=np.int16, compress=True):
     """A NIfTI header declaring `shape` with no voxel data behind it."""
