@@ -413,40 +413,51 @@ def section_environment(S: Sizes, rec: Recorder, ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- 2. PyTorch latency
 
-def section_pytorch_latency(S: Sizes, rec: Recorder, ctx: Context) -> None:
-    import torch
-    import torch.nn.functional as F
+class LatencyBench:
+    """What every timing of the latency section shares: the device, the host volume, the static
+    batch and the autocast dtype, with the per-volume pipeline and the ways of running a network."""
 
-    from regionkd.sdk.bench import synthetic_ct
-    from regionkd.train.models import create_model, list_models
+    def __init__(self, S: Sizes, dev):
+        import torch
 
-    dev = device_of(S)
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    amp_dtype = torch.float16 if cuda else torch.bfloat16   # CPU autocast: bfloat16
-    amp_name = "fp16" if cuda else "bf16"
-    known = set(list_models())
-    archs = [S.teacher] + [a for a in S.students if a in known]
-    hu, _ = synthetic_ct(S.volume)
-    host = torch.from_numpy(hu)
-    if cuda:
-        host = host.pin_memory()
-    nx, ny, nz = S.volume
-    B, size = S.batch, (S.input_size, S.input_size)
-    rec.update(settings={"device": str(dev), "volume": list(S.volume), "input_size": S.input_size, "batch": B,
-                         "warmup": S.warmup, "repeat": S.repeat, "cudnn_benchmark": cuda,
-                         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                         "compile_backend": S.compile_backend, "not_in_registry": [a for a in S.students if a not in known]},
-               archs=archs)
+        from regionkd.sdk.bench import synthetic_ct
 
-    def preprocess(x):
+        self.S, self.dev = S, dev
+        self.cuda = dev.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+        self.amp_dtype = torch.float16 if self.cuda else torch.bfloat16   # CPU autocast: bfloat16
+        self.amp_name = "fp16" if self.cuda else "bf16"
+        hu, _ = synthetic_ct(S.volume)
+        self.host = torch.from_numpy(hu)
+        if self.cuda:
+            self.host = self.host.pin_memory()
+        self.nx, self.ny, self.nz = S.volume
+        self.B, self.size = S.batch, (S.input_size, S.input_size)
+
+    def settings(self, missing: list) -> dict:
+        import torch
+
+        S = self.S
+        return {"device": str(self.dev), "volume": list(S.volume), "input_size": S.input_size, "batch": self.B,
+                "warmup": S.warmup, "repeat": S.repeat, "cudnn_benchmark": self.cuda,
+                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "compile_backend": S.compile_backend, "not_in_registry": missing}
+
+    def preprocess(self, x):
+        """Window to [-1, 1] and resize each axial slice to the network input: (z, 1, h, w)."""
+        import torch.nn.functional as F
+
         lo, hi = LATENCY_WINDOW
         s = x.permute(2, 0, 1).float().clamp_(lo, hi).sub_(lo).mul_(2.0 / (hi - lo)).sub_(1.0).unsqueeze(1)
-        return F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(s, size=self.size, mode="bilinear", align_corners=False)
 
-    def padded_batches(slices):
+    def padded_batches(self, slices) -> list:
+        """(batch, real slices in it) pairs, all of the static batch size B."""
+        import torch
+
+        B = self.B
         out = []
         for i in range(0, slices.shape[0], B):
             chunk = slices[i:i + B]
@@ -455,40 +466,54 @@ def section_pytorch_latency(S: Sizes, rec: Recorder, ctx: Context) -> None:
             out.append((chunk.contiguous(), min(B, slices.shape[0] - i)))
         return out
 
-    def run_volume(forward):
+    def device_batches(self) -> list:
+        """The volume's batches on the device once, for the network-only timings."""
+        return self.padded_batches(self.preprocess(self.host.to(self.dev)))
+
+    def run_volume(self, forward):
         """Host int16 volume -> labels on the host: copy, window, resize to the input, batched
         network, logits resized back, argmax, copy back."""
-        x = host.to(dev, non_blocking=True)
-        labels = torch.empty((nz, nx, ny), dtype=torch.uint8, device=dev)
-        for i, (chunk, k) in enumerate(padded_batches(preprocess(x))):
+        import torch
+        import torch.nn.functional as F
+
+        B, nx, ny = self.B, self.nx, self.ny
+        x = self.host.to(self.dev, non_blocking=True)
+        labels = torch.empty((self.nz, nx, ny), dtype=torch.uint8, device=self.dev)
+        for i, (chunk, k) in enumerate(self.padded_batches(self.preprocess(x))):
             logits = forward(chunk)[:k].float()
             logits = F.interpolate(logits, size=(nx, ny), mode="bilinear", align_corners=False)
             labels[i * B:i * B + k] = logits.argmax(1).to(torch.uint8)
         return labels.permute(1, 2, 0).contiguous().cpu()
 
-    def autocast_ctx(precision):
+    def autocast(self, precision):
+        import torch
+
         if precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(dev.type, dtype=amp_dtype, cache_enabled=False)
+        return torch.autocast(self.dev.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def eager(model, precision):
+    def eager(self, model, precision):
         def forward(x):
-            with autocast_ctx(precision):
+            with self.autocast(precision):
                 return model(x)
         return forward
 
-    def graphed(model, precision, example):
+    def graphed(self, model, precision, example):
+        """`model` captured in a CUDA graph on a static input (after warm-up runs on a side stream);
+        the forward copies its batch into that input and replays the graph."""
+        import torch
+
         static_in = example.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                with autocast_ctx(precision):
+                with self.autocast(precision):
                     model(static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            with autocast_ctx(precision):
+            with self.autocast(precision):
                 static_out = model(static_in)
 
         def forward(x):
@@ -497,121 +522,177 @@ def section_pytorch_latency(S: Sizes, rec: Recorder, ctx: Context) -> None:
             return static_out
         return forward
 
-    def measure_forward(model_row, forward, batches):
-        vol = timed(lambda: run_volume(forward), S.warmup, S.repeat, dev)
+    def measure(self, model_row, forward, batches) -> dict:
+        """`model_row` with the whole volume's time and the network's alone."""
+        S, dev, nz = self.S, self.dev, self.nz
+        vol = timed(lambda: self.run_volume(forward), S.warmup, S.repeat, dev)
         net = timed(lambda: [forward(b) for b, _ in batches], S.warmup, S.repeat, dev)
         return {**model_row, "volume_ms": vol, "network_ms": net, "slices": nz,
                 "slices_per_s": nz / (vol["median"] / 1000.0) if vol["median"] > 0 else None}
 
-    def build(arch):
-        model = create_model(arch, num_classes=3).to(dev).eval()
+    def build(self, arch):
+        """An untrained network on the device, and the row fields that name it."""
+        from regionkd.train.models import create_model
+
+        model = create_model(arch, num_classes=3).to(self.dev).eval()
         params = sum(p.numel() for p in model.parameters())
-        return model, {"arch": arch, "role": "teacher" if arch == S.teacher else "student", "params": params}
+        return model, {"arch": arch, "role": "teacher" if arch == self.S.teacher else "student", "params": params}
 
+
+def latency_archs(S: Sizes) -> tuple:
+    """(the teacher and the registered students, the students the model registry lacks)."""
+    from regionkd.train.models import list_models
+
+    known = set(list_models())
+    return [S.teacher] + [a for a in S.students if a in known], [a for a in S.students if a not in known]
+
+
+def section_pytorch_latency(S: Sizes, rec: Recorder, ctx: Context) -> None:
+    import torch
+
+    bench = LatencyBench(S, device_of(S))
+    archs, missing = latency_archs(S)
+    rec.update(settings=bench.settings(missing), archs=archs)
     with torch.no_grad():
-        batches = padded_batches(preprocess(host.to(dev)))
+        batches = bench.device_batches()
         for arch in archs:
-            try:
-                model, base = build(arch)
-            except Exception as exc:
-                rec.add("rows", {"arch": arch, "mode": "-", "precision": "-", "error": first_line(exc)})
-                continue
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-            for mode, precision in (("eager", "fp32"), ("eager", amp_name), ("cuda-graph", "fp32"),
-                                    ("cuda-graph", amp_name)):
-                row = {**base, "mode": mode, "precision": precision, "batch": B}
-                if mode == "cuda-graph" and not cuda:
-                    rec.add("rows", {**row, "skipped": "CUDA graphs need a CUDA device"})
-                    continue
-                if precision != "fp32" and S.amp_archs is not None and arch not in S.amp_archs:
-                    rec.add("rows", {**row, "skipped": "the dry run times autocast on the CPU (emulated, slow) for "
-                                                       f"{', '.join(S.amp_archs)} only"})
-                    continue
-                if rec.left() < 3:
-                    rec.add("rows", {**row, "skipped": "not reached within the section's budget"})
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    forward = eager(model, precision) if mode == "eager" else graphed(model, precision, batches[0][0])
-                    sync(dev)
-                    row["setup_s"] = round(time.perf_counter() - t0, 3)
-                    row = measure_forward(row, forward, batches)
-                    if cuda and mode == "eager" and precision == "fp32":
-                        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 20, 1)
-                except Exception as exc:
-                    row["error"] = first_line(exc)
-                rec.add("rows", row)
-                forward = None
-            del model
-            free_gpu()
-
+            time_eager_and_graphed(bench, rec, arch, batches)
         # torch.compile last: its compile time is the one that can eat the budget
-        order = [S.student, S.teacher] + [a for a in archs if a not in (S.student, S.teacher)]
-        for n, arch in enumerate(a for a in order if a in archs):
-            row = {"arch": arch, "role": "teacher" if arch == S.teacher else "student", "mode": "compile",
-                   "precision": S.compile_precision or amp_name, "batch": B, "compile_backend": S.compile_backend}
-            if n >= S.compile_models:
-                rec.add("rows", {**row, "skipped": f"the dry run compiles {S.compile_models} network(s) only"})
-                continue
-            if rec.left() < max(S.compile_min_left_s, 3):
-                rec.add("rows", {**row, "skipped": f"not started: {max(0, rec.left()):.0f} s of the section's "
-                                                    f"budget left (a compile needs about {S.compile_min_left_s:.0f} s)"})
-                continue
-            try:
-                model, base = build(arch)
-                row.update(base)
-                compiled = torch.compile(model, backend=S.compile_backend, dynamic=False)
-                forward = eager(compiled, row["precision"])
-                t0 = time.perf_counter()
-                seconds, error = run_with_deadline(lambda: (forward(batches[0][0]), sync(dev)), rec.left() - 6)
-                if seconds is None:
-                    # a compile cannot be interrupted: record it, end this process (the orchestrator
-                    # then stops the compile workers it left)
-                    rec.add("rows", {**row, "skipped": f"the compile had not finished after {time.perf_counter() - t0:.0f} s "
-                                                        "(what was left of the section's budget)"})
-                    rec.update(status="ok", note="ended while a torch.compile was still running")
-                    sys.stdout.flush()
-                    os._exit(0)
-                if error is not None:
-                    raise error
-                row["setup_s"] = round(seconds, 3)      # the compile
-                row = measure_forward(row, forward, batches)
-            except Exception as exc:
-                row["error"] = first_line(exc)
-            rec.add("rows", row)
-            forward = compiled = model = None
-            free_gpu()
+        for n, arch in enumerate(compile_order(S, archs)):
+            time_compiled(bench, rec, arch, n, batches)
     ok = [r for r in rec.data.get("rows", []) if "volume_ms" in r]
     if not ok:
         raise CheckError("no configuration could be timed")
 
 
+def time_eager_and_graphed(bench: LatencyBench, rec: Recorder, arch: str, batches: list) -> None:
+    """One network eager and as CUDA graphs, in fp32 and autocast: a row each."""
+    import torch
+
+    try:
+        model, base = bench.build(arch)
+    except Exception as exc:
+        rec.add("rows", {"arch": arch, "mode": "-", "precision": "-", "error": first_line(exc)})
+        return
+    if bench.cuda:
+        torch.cuda.reset_peak_memory_stats(bench.dev)
+    for mode, precision in (("eager", "fp32"), ("eager", bench.amp_name), ("cuda-graph", "fp32"),
+                            ("cuda-graph", bench.amp_name)):
+        row = {**base, "mode": mode, "precision": precision, "batch": bench.B}
+        skipped = latency_skip_reason(bench, rec, arch, mode, precision)
+        if skipped:
+            rec.add("rows", {**row, "skipped": skipped})
+            continue
+        rec.add("rows", time_forward(bench, model, row, batches))
+    del model
+    free_gpu()
+
+
+def latency_skip_reason(bench: LatencyBench, rec: Recorder, arch: str, mode: str, precision: str) -> str | None:
+    """Why this eager / CUDA-graph configuration is not timed (None: it is)."""
+    S = bench.S
+    if mode == "cuda-graph" and not bench.cuda:
+        return "CUDA graphs need a CUDA device"
+    if precision != "fp32" and S.amp_archs is not None and arch not in S.amp_archs:
+        return f"the dry run times autocast on the CPU (emulated, slow) for {', '.join(S.amp_archs)} only"
+    if rec.left() < 3:
+        return "not reached within the section's budget"
+    return None
+
+
+def time_forward(bench: LatencyBench, model, row: dict, batches: list) -> dict:
+    """`row` timed eager or as a CUDA graph (its setup: the capture), or with the error that stopped it."""
+    import torch
+
+    mode, precision = row["mode"], row["precision"]
+    try:
+        t0 = time.perf_counter()
+        forward = bench.eager(model, precision) if mode == "eager" else bench.graphed(model, precision, batches[0][0])
+        sync(bench.dev)
+        row["setup_s"] = round(time.perf_counter() - t0, 3)
+        row = bench.measure(row, forward, batches)
+        if bench.cuda and mode == "eager" and precision == "fp32":
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(bench.dev) / 2 ** 20, 1)
+    except Exception as exc:
+        row["error"] = first_line(exc)
+    return row
+
+
+def compile_order(S: Sizes, archs: list) -> list:
+    """The networks in the order torch.compile is tried on them: the distilled student, the teacher, the rest."""
+    order = [S.student, S.teacher] + [a for a in archs if a not in (S.student, S.teacher)]
+    return [a for a in order if a in archs]
+
+
+def time_compiled(bench: LatencyBench, rec: Recorder, arch: str, n: int, batches: list) -> None:
+    """The `n`-th network of the compile order under torch.compile, if the budget allows: a row."""
+    S = bench.S
+    row = {"arch": arch, "role": "teacher" if arch == S.teacher else "student", "mode": "compile",
+           "precision": S.compile_precision or bench.amp_name, "batch": bench.B, "compile_backend": S.compile_backend}
+    if n >= S.compile_models:
+        rec.add("rows", {**row, "skipped": f"the dry run compiles {S.compile_models} network(s) only"})
+        return
+    if rec.left() < max(S.compile_min_left_s, 3):
+        rec.add("rows", {**row, "skipped": f"not started: {max(0, rec.left()):.0f} s of the section's "
+                                            f"budget left (a compile needs about {S.compile_min_left_s:.0f} s)"})
+        return
+    try:
+        row = compile_and_time(bench, rec, arch, row, batches)
+    except Exception as exc:
+        row["error"] = first_line(exc)
+    rec.add("rows", row)
+    free_gpu()
+
+
+def compile_and_time(bench: LatencyBench, rec: Recorder, arch: str, row: dict, batches: list) -> dict:
+    """Compile the network on its first batch (setup_s: the compile), then time it like the others."""
+    import torch
+
+    model, base = bench.build(arch)
+    row.update(base)
+    compiled = torch.compile(model, backend=bench.S.compile_backend, dynamic=False)
+    forward = bench.eager(compiled, row["precision"])
+    t0 = time.perf_counter()
+    seconds, error = run_with_deadline(lambda: (forward(batches[0][0]), sync(bench.dev)), rec.left() - 6)
+    if seconds is None:
+        end_during_compile(rec, row, time.perf_counter() - t0)
+    if error is not None:
+        raise error
+    row["setup_s"] = round(seconds, 3)      # the compile
+    return bench.measure(row, forward, batches)
+
+
+def end_during_compile(rec: Recorder, row: dict, waited_s: float) -> None:
+    """A compile cannot be interrupted: record it and end this process (the orchestrator then stops
+    the compile workers it left)."""
+    rec.add("rows", {**row, "skipped": f"the compile had not finished after {waited_s:.0f} s "
+                                        "(what was left of the section's budget)"})
+    rec.update(status="ok", note="ended while a torch.compile was still running")
+    sys.stdout.flush()
+    os._exit(0)
+
+
 # ----------------------------------------------------------------------------- 3. distillation
 
-def section_distillation(S: Sizes, rec: Recorder, ctx: Context) -> None:
-    from regionkd.train.cli import main as train_main
+class DistillRuns:
+    """The distillation section's regionkd-train runs: training runs on the training phantoms and
+    evaluations on the held-out ones, all with the same data, input size, batch and cache."""
 
-    device_of(S)
-    work = ctx.work / "distill"
-    work.mkdir(parents=True, exist_ok=True)
-    data, test = work / "data", work / "test"
-    rec.update(setting={"task": S.task, "teacher": S.teacher, "student": S.student, "input_size": S.input_size,
-                        "batch_size": S.train_batch, "preset": "paper", "kd": " ".join(PAPER_KD_ARGS),
-                        "device": S.device, "workers": S.workers})
-    phantoms = {"train": make_phantoms(data, S, S.train_cases, S.phantom_shape, seed=2021)}
-    rec.update(phantoms=phantoms)
-    phantoms["test"] = make_phantoms(test, S, S.test_cases, S.phantom_shape, seed=2022)
-    rec.update(phantoms=phantoms)
-    common = ["--data", data, "--preset", "paper", "--input-size", S.input_size, "--batch-size", S.train_batch,
-              "--epochs", 1, "--device", S.device, "--workers", S.workers,
-              "--cache-dir", work / f"slice-cache-{S.input_size}", "--quiet"]
+    def __init__(self, S: Sizes, work: Path):
+        self.S, self.work = S, work
+        self.data, self.test = work / "data", work / "test"
+        self.common = ["--data", self.data, "--preset", "paper", "--input-size", S.input_size,
+                       "--batch-size", S.train_batch, "--epochs", 1, "--device", S.device, "--workers", S.workers,
+                       "--cache-dir", work / f"slice-cache-{S.input_size}", "--quiet"]
 
-    def train_run(mode, arch, out, steps, extra=()):
+    def train(self, mode, arch, out, steps, extra=()) -> dict:
         """One regionkd-train run of `steps` steps (one epoch of them: validation once, at the end)."""
+        from regionkd.train.cli import main as train_main
+
+        S = self.S
         t0 = time.perf_counter()
         call_cli(train_main, [mode, "--arch", arch, "--out", out, "--max-steps", steps,
-                              "--samples-per-epoch", steps * S.train_batch, *common, *extra], "regionkd-train")
+                              "--samples-per-epoch", steps * S.train_batch, *self.common, *extra], "regionkd-train")
         wall = time.perf_counter() - t0
         log = read_train_log(out)
         end = log["end"]
@@ -622,49 +703,88 @@ def section_distillation(S: Sizes, rec: Recorder, ctx: Context) -> None:
                 "overhead_s": round(max(0.0, wall - end["steps"] * step_s), 2),
                 "val_dice": end.get("val_dice"), "loss_final": (log["last_step"].get("loss") or {}).get("total")}
 
-    def evaluate(ckpt, name):
+    def distill(self, out, steps, teacher) -> dict:
+        """The student distilled from `teacher` with the paper's loss."""
+        return self.train("distill", self.S.student, out, steps, ["--teacher", teacher, *PAPER_KD_ARGS])
+
+    def evaluate(self, ckpt, name) -> dict:
+        """A checkpoint's Dice (mean and per case) on the held-out phantoms."""
+        from regionkd.train.cli import main as train_main
+
         t0 = time.perf_counter()
-        out = work / f"eval-{name}.json"
-        call_cli(train_main, ["evaluate", ckpt, "--data", test, "--cases", "all", "--device", S.device,
-                              "--batch-size", S.batch, "--json", out, "--quiet"], "regionkd-train")
+        out = self.work / f"eval-{name}.json"
+        call_cli(train_main, ["evaluate", ckpt, "--data", self.test, "--cases", "all", "--device", self.S.device,
+                              "--batch-size", self.S.batch, "--json", out, "--quiet"], "regionkd-train")
         res = json.loads(out.read_text())
         return {"dice": {c: m.get("dice") for c, m in res["mean"].items()}, "mean": res["mean"],
                 "per_case_dice": {cid: {c: v.get("dice") for c, v in per.items()} for cid, per in res["cases"].items()},
                 "cases": res["case_ids"], "notes": res.get("notes", []), "seconds": round(time.perf_counter() - t0, 2)}
 
-    def steps_for(seconds, step_s):
+    def steps_for(self, seconds, step_s) -> int:
+        """How many steps of `step_s` fit in `seconds` (at least one; at most the dry run's cap)."""
         n = max(1, int(seconds // step_s)) if step_s > 0 else 1
-        return min(n, S.max_steps_cap) if S.max_steps_cap else n
+        return min(n, self.S.max_steps_cap) if self.S.max_steps_cap else n
 
-    # the step time of each run, measured on short runs of the same command
-    probe_t = train_run("teacher", S.teacher, work / "probe-teacher.pt", S.probe_steps)
-    rec.update(probes={"teacher": probe_t})
-    probe_s = train_run("distill", S.student, work / "probe-student.pt", S.probe_steps,
-                        ["--teacher", work / "probe-teacher.pt", *PAPER_KD_ARGS])
-    rec.update(probes={"teacher": probe_t, "student": probe_s})
 
+def section_distillation(S: Sizes, rec: Recorder, ctx: Context) -> None:
+    device_of(S)
+    work = ctx.work / "distill"
+    work.mkdir(parents=True, exist_ok=True)
+    runs = DistillRuns(S, work)
+    rec.update(setting={"task": S.task, "teacher": S.teacher, "student": S.student, "input_size": S.input_size,
+                        "batch_size": S.train_batch, "preset": "paper", "kd": " ".join(PAPER_KD_ARGS),
+                        "device": S.device, "workers": S.workers})
+    phantoms = {"train": make_phantoms(runs.data, S, S.train_cases, S.phantom_shape, seed=2021)}
+    rec.update(phantoms=phantoms)
+    phantoms["test"] = make_phantoms(runs.test, S, S.test_cases, S.phantom_shape, seed=2022)
+    rec.update(phantoms=phantoms)
+    probe_t, probe_s = probe_step_times(runs, rec)
     # fixed cost of a run (network, data, validation, checkpoint): the student probe's; the teacher
     # probe's also built the slice cache
     overhead = probe_s["overhead_s"]
+    teacher, plan = train_teacher(runs, rec, probe_t, probe_s, overhead)
+    distill_student(runs, rec, plan, teacher, probe_s, overhead)
+
+
+def probe_step_times(runs: DistillRuns, rec: Recorder) -> tuple:
+    """The step time of each run, measured on short runs of the same command."""
+    S = runs.S
+    probe_t = runs.train("teacher", S.teacher, runs.work / "probe-teacher.pt", S.probe_steps)
+    rec.update(probes={"teacher": probe_t})
+    probe_s = runs.distill(runs.work / "probe-student.pt", S.probe_steps, runs.work / "probe-teacher.pt")
+    rec.update(probes={"teacher": probe_t, "student": probe_s})
+    return probe_t, probe_s
+
+
+def train_teacher(runs: DistillRuns, rec: Recorder, probe_t: dict, probe_s: dict, overhead: float) -> tuple:
+    """The teacher, trained for its share of the time left after both evaluations and runs' fixed
+    costs are set aside, then tested; (its row, the plan)."""
+    S = runs.S
     left = rec.left() - S.margin_s - 2 * S.eval_reserve_s - 2 * overhead
-    n_teacher = steps_for(max(0.0, left) * S.teacher_share, probe_t["step_s"])
+    n_teacher = runs.steps_for(max(0.0, left) * S.teacher_share, probe_t["step_s"])
     plan = {"teacher_steps": n_teacher, "training_s_available": round(left, 1),
             "teacher_step_s": probe_t["step_s"], "student_step_s": probe_s["step_s"],
             "cap": S.max_steps_cap}
     rec.update(plan=plan)
-    teacher = train_run("teacher", S.teacher, work / "teacher.pt", n_teacher)
+    teacher = runs.train("teacher", S.teacher, runs.work / "teacher.pt", n_teacher)
     rec.update(teacher=teacher)
-    teacher["test"] = evaluate(work / "teacher.pt", "teacher")
+    teacher["test"] = runs.evaluate(runs.work / "teacher.pt", "teacher")
     rec.update(teacher=teacher)
+    return teacher, plan
 
+
+def distill_student(runs: DistillRuns, rec: Recorder, plan: dict, teacher: dict, probe_s: dict,
+                    overhead: float) -> None:
+    """The student, distilled from the trained teacher for what is left (its evaluation assumed to
+    take as long as the teacher's), then tested beside it."""
+    S = runs.S
     left = rec.left() - S.margin_s - teacher["test"]["seconds"] - overhead
-    n_student = steps_for(max(0.0, left), probe_s["step_s"])
+    n_student = runs.steps_for(max(0.0, left), probe_s["step_s"])
     plan.update(student_steps=n_student, student_training_s_available=round(left, 1))
     rec.update(plan=plan)
-    student = train_run("distill", S.student, work / "student.pt", n_student,
-                        ["--teacher", work / "teacher.pt", *PAPER_KD_ARGS])
+    student = runs.distill(runs.work / "student.pt", n_student, runs.work / "teacher.pt")
     rec.update(student=student)
-    student["test"] = evaluate(work / "student.pt", "student")
+    student["test"] = runs.evaluate(runs.work / "student.pt", "student")
     rec.update(student=student, dice={"teacher": teacher["test"]["dice"], "student": student["test"]["dice"]})
 
 
@@ -730,19 +850,12 @@ def sdk_row(m: dict) -> dict:
 def probe_rtx_engine(trt, path: Path, S: Sizes) -> dict:
     """Deserialize a TensorRT-RTX engine and run it on this GPU with torch-allocated memory (no
     pycuda needed): whether it loads, its first run (the JIT compile), then a batch's median time."""
-    import numpy as np
     import torch
 
     row = {"engine": path.name, "loads": False}
     blob = path.read_bytes()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    if hasattr(runtime, "get_engine_validity"):
-        try:
-            validity, diagnostics = runtime.get_engine_validity(blob)
-            row["validity"] = getattr(validity, "name", str(validity))
-            row["diagnostics"] = str(diagnostics)
-        except Exception as exc:
-            row["validity"] = f"not checked: {first_line(exc)}"
+    row.update(rtx_engine_validity(runtime, blob))
     t0 = time.perf_counter()
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
@@ -753,33 +866,12 @@ def probe_rtx_engine(trt, path: Path, S: Sizes) -> dict:
         row["why_not"] = "create_execution_context returned None"
         return row
     row["deserialize_s"] = round(time.perf_counter() - t0, 3)
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if n not in inputs]
-    inp, out = inputs[0], outputs[0]
-    profile_max = engine.get_tensor_profile_shape(inp, 0)[2]
-    batch = min(S.batch, int(tuple(profile_max)[0]))
-    shape = (batch, *(int(v) for v in tuple(engine.get_tensor_shape(inp))[1:]))
+    inp, out, batch, shape = rtx_io_shape(trt, engine, S)
     if not context.set_input_shape(inp, shape):
         row["why_not"] = f"the engine refused input shape {shape}"
         return row
-
-    def torch_dtype(trt_dtype):
-        return torch.from_numpy(np.zeros(1, dtype=np.dtype(trt.nptype(trt_dtype)))).dtype
-
-    x = torch.randn(shape, device="cuda").to(torch_dtype(engine.get_tensor_dtype(inp)))
-    y = torch.empty(tuple(int(v) for v in context.get_tensor_shape(out)), device="cuda",
-                    dtype=torch_dtype(engine.get_tensor_dtype(out)))
-    context.set_tensor_address(inp, x.data_ptr())
-    context.set_tensor_address(out, y.data_ptr())
-    stream = torch.cuda.Stream()
-
-    def run():
-        with torch.cuda.stream(stream):
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise CheckError("execute_async_v3 returned False")
-        stream.synchronize()
-
+    x, y = bind_rtx_buffers(trt, engine, context, inp, out, shape)   # kept alive: the engine runs on them
+    run = rtx_runner(context)
     t0 = time.perf_counter()
     run()
     row["first_run_s"] = round(time.perf_counter() - t0, 3)      # JIT compilation for this GPU
@@ -790,13 +882,88 @@ def probe_rtx_engine(trt, path: Path, S: Sizes) -> dict:
     return row
 
 
-def section_tensorrt_rtx(S: Sizes, rec: Recorder, ctx: Context) -> None:
+def rtx_engine_validity(runtime, blob: bytes) -> dict:
+    """TensorRT-RTX's own verdict on whether the engine suits this GPU, where the runtime offers one."""
+    if not hasattr(runtime, "get_engine_validity"):
+        return {}
+    try:
+        validity, diagnostics = runtime.get_engine_validity(blob)
+        return {"validity": getattr(validity, "name", str(validity)), "diagnostics": str(diagnostics)}
+    except Exception as exc:
+        return {"validity": f"not checked: {first_line(exc)}"}
+
+
+def rtx_io_shape(trt, engine, S: Sizes) -> tuple:
+    """(input name, output name, batch, input shape): the engine's first input and output, at the
+    check's batch or the largest its optimisation profile allows."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if n not in inputs]
+    inp, out = inputs[0], outputs[0]
+    profile_max = engine.get_tensor_profile_shape(inp, 0)[2]
+    batch = min(S.batch, int(tuple(profile_max)[0]))
+    shape = (batch, *(int(v) for v in tuple(engine.get_tensor_shape(inp))[1:]))
+    return inp, out, batch, shape
+
+
+def torch_dtype_of(trt, trt_dtype):
+    """The torch dtype of a TensorRT tensor dtype (by way of numpy)."""
+    import numpy as np
     import torch
 
-    from regionkd.export.cli import main as export_main
+    return torch.from_numpy(np.zeros(1, dtype=np.dtype(trt.nptype(trt_dtype)))).dtype
+
+
+def bind_rtx_buffers(trt, engine, context, inp: str, out: str, shape: tuple) -> tuple:
+    """A random input and an empty output on the GPU, allocated by torch, bound to the context."""
+    import torch
+
+    x = torch.randn(shape, device="cuda").to(torch_dtype_of(trt, engine.get_tensor_dtype(inp)))
+    y = torch.empty(tuple(int(v) for v in context.get_tensor_shape(out)), device="cuda",
+                    dtype=torch_dtype_of(trt, engine.get_tensor_dtype(out)))
+    context.set_tensor_address(inp, x.data_ptr())
+    context.set_tensor_address(out, y.data_ptr())
+    return x, y
+
+
+def rtx_runner(context):
+    """One synchronous run of the context on a stream of its own."""
+    import torch
+
+    stream = torch.cuda.Stream()
+
+    def run():
+        with torch.cuda.stream(stream):
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise CheckError("execute_async_v3 returned False")
+        stream.synchronize()
+    return run
+
+
+def section_tensorrt_rtx(S: Sizes, rec: Recorder, ctx: Context) -> None:
+    trt, module, sdk_ok, sdk_why = record_rtx_modules(rec)
+    trained = trained_checkpoints(ctx)
+    ckpt = trained.get("student") or quick_checkpoint(ctx, S)
+    bundle, manifest, engines, notes = export_rtx_bundle(S, rec, ctx, ckpt, "student" in trained, trt)
+    check_engines_load(S, rec, trt, module, bundle, engines, notes)
+    volume = timed_volume(ctx, S)
+    jobs = [("tensorrt-rtx", p) for p in ("fp32", "fp16")] + [("onnxruntime", "fp32")]
+    for backend, precision in jobs:
+        row = {"backend": backend, "precision": precision, "arch": manifest["model"].get("arch")}
+        skipped = bundle_skip_reason(rec, backend, precision, engines, sdk_ok, sdk_why)
+        if skipped:
+            rec.add("rows", {**row, "skipped": skipped})
+            continue
+        rec.add("rows", time_bundle(S, rec, bundle, volume, row))
+
+
+def record_rtx_modules(rec: Recorder) -> tuple:
+    """Whether TensorRT-RTX and pycuda import, the GPU's compute capability, whether the SDK's
+    tensorrt-rtx backend can run: recorded; (trt or None, its module row, SDK ok, why not)."""
+    import torch
+
     from regionkd.sdk.backends.tensorrt_backend import gpu_compute_capability, import_pycuda, import_trt, tensorrt_available
     from regionkd.sdk.errors import RegionKDError
-    from regionkd.sdk.segmenter import Segmenter
 
     trt = None
     try:
@@ -813,9 +980,14 @@ def section_tensorrt_rtx(S: Sizes, rec: Recorder, ctx: Context) -> None:
     sdk_ok, sdk_why = tensorrt_available(rtx=True)
     rec.update(module=module, pycuda=pycuda, torch_cuda=torch.cuda.is_available(), compute_capability=cc,
                compute_capability_why=cc_why or None, sdk_backend={"available": sdk_ok, "reason": sdk_why})
+    return trt, module, sdk_ok, sdk_why
 
-    trained = trained_checkpoints(ctx)
-    ckpt = trained.get("student") or quick_checkpoint(ctx, S)
+
+def export_rtx_bundle(S: Sizes, rec: Recorder, ctx: Context, ckpt: Path, trained: bool, trt) -> tuple:
+    """regionkd-export of the checkpoint in fp32 and fp16, with TensorRT-RTX engines where TensorRT-RTX
+    imports: recorded; (bundle, manifest, engine entries, the exporter's engine lines)."""
+    from regionkd.export.cli import main as export_main
+
     bundle = ctx.work / "bundle"
     engine_mode = "auto" if trt is not None else "never"
     t0 = time.perf_counter()
@@ -824,12 +996,18 @@ def section_tensorrt_rtx(S: Sizes, rec: Recorder, ctx: Context) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     engines = [f for f in manifest["files"] if f.get("format") == "tensorrt-rtx-engine"]
     notes = [line.strip() for line in text.splitlines() if "engine" in line and ("skipped" in line or "built" in line)]
-    rec.update(export={"checkpoint": str(ckpt), "trained": "student" in trained, "engine": engine_mode,
+    rec.update(export={"checkpoint": str(ckpt), "trained": trained, "engine": engine_mode,
                        "seconds": round(time.perf_counter() - t0, 2), "bundle": str(bundle), "notes": notes[-8:]},
                engines_built=[{"path": e["path"], "precision": e.get("precision"), "bytes": e.get("bytes"),
                                "trt_version": e.get("trt_version")} for e in engines])
+    return bundle, manifest, engines, notes
 
-    # do the engines load and run on this GPU? (independent of pycuda: torch holds the memory)
+
+def check_engines_load(S: Sizes, rec: Recorder, trt, module: dict, bundle: Path, engines: list, notes: list) -> None:
+    """Do the engines load and run on this GPU? (independent of pycuda: torch holds the memory).
+    Records a row per engine tried, the verdict and why not."""
+    import torch
+
     loads, why = None, None
     if trt is None:
         why = f"TensorRT-RTX is not installed here ({module['why']})"
@@ -851,29 +1029,34 @@ def section_tensorrt_rtx(S: Sizes, rec: Recorder, ctx: Context) -> None:
             why = "; ".join(f"{r['engine']}: {r.get('why_not') or r.get('validity')}" for r in runs if not r["loads"])
     rec.update(engines_load_on_this_gpu=loads, engines_why_not=why)
 
-    volume = timed_volume(ctx, S)
-    jobs = [("tensorrt-rtx", p) for p in ("fp32", "fp16")] + [("onnxruntime", "fp32")]
-    for backend, precision in jobs:
-        row = {"backend": backend, "precision": precision, "arch": manifest["model"].get("arch")}
-        if backend == "tensorrt-rtx" and not sdk_ok:
-            rec.add("rows", {**row, "skipped": f"the SDK's tensorrt-rtx backend cannot run here: {sdk_why}"})
-            continue
-        if backend == "tensorrt-rtx" and not any(e.get("precision") == precision for e in engines):
-            rec.add("rows", {**row, "skipped": f"no {precision} TensorRT-RTX engine in the bundle"})
-            continue
-        if rec.left() < 3:
-            rec.add("rows", {**row, "skipped": "not reached within the section's budget"})
-            continue
-        try:
-            seg = Segmenter(bundle, backend=backend, precision=precision, batch_size=S.batch,
-                            threads=(S.threads or os.cpu_count() or 1) if backend == "onnxruntime" else None)
-            row["model_file"] = seg.backend.model_path.name
-            with seg:
-                row.update(sdk_row(measure_fitted(seg, volume, S, rec,
-                                                  S.sdk_repeat if backend != "onnxruntime" else S.ort_repeat)))
-        except Exception as exc:
-            row["error"] = first_line(exc)
-        rec.add("rows", row)
+
+def bundle_skip_reason(rec: Recorder, backend: str, precision: str, engines: list, sdk_ok: bool,
+                       sdk_why: str) -> str | None:
+    """Why the bundle is not timed through the SDK with this backend and precision (None: it is)."""
+    if backend == "tensorrt-rtx" and not sdk_ok:
+        return f"the SDK's tensorrt-rtx backend cannot run here: {sdk_why}"
+    if backend == "tensorrt-rtx" and not any(e.get("precision") == precision for e in engines):
+        return f"no {precision} TensorRT-RTX engine in the bundle"
+    if rec.left() < 3:
+        return "not reached within the section's budget"
+    return None
+
+
+def time_bundle(S: Sizes, rec: Recorder, bundle: Path, volume: Path, row: dict) -> dict:
+    """`row` with the bundle's per-volume time through `Segmenter(bundle, backend=...)`, or the error."""
+    from regionkd.sdk.segmenter import Segmenter
+
+    backend, precision = row["backend"], row["precision"]
+    try:
+        seg = Segmenter(bundle, backend=backend, precision=precision, batch_size=S.batch,
+                        threads=(S.threads or os.cpu_count() or 1) if backend == "onnxruntime" else None)
+        row["model_file"] = seg.backend.model_path.name
+        with seg:
+            row.update(sdk_row(measure_fitted(seg, volume, S, rec,
+                                              S.sdk_repeat if backend != "onnxruntime" else S.ort_repeat)))
+    except Exception as exc:
+        row["error"] = first_line(exc)
+    return row
 
 
 SECTION_FUNCS = {"environment": section_environment, "pytorch_latency": section_pytorch_latency,
