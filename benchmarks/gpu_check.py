@@ -25,7 +25,6 @@ stopped half way keeps what finished); per-section logs in OUT_DIR/logs/.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -169,19 +168,17 @@ class Context:
     dry_run: bool
 
 
-def call_cli(main, argv, what: str) -> str:
-    """Run a regionkd command's `main(argv)` in this process; its output goes to this section's log
-    (and is returned). A non-zero exit raises CheckError with the command's last lines."""
+COMMANDS = {"regionkd-train": "regionkd.train.cli", "regionkd-export": "regionkd.export.cli"}
+
+
+def call_cli(command: str, argv, what: str) -> str:
+    """Run a regionkd command (`COMMANDS`) as a user does, in its own process (`python -m`, since the
+    GPU machine has the checkout on PYTHONPATH and no console scripts); its output goes to this
+    section's log (and is returned). A non-zero exit raises CheckError with the command's last lines."""
     argv = [str(a) for a in argv]
-    buf = io.StringIO()
-    rc = 0
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    text = buf.getvalue()
+    proc = subprocess.run([sys.executable, "-m", COMMANDS[command], *argv], capture_output=True, text=True)
+    text, rc = proc.stdout + proc.stderr, proc.returncode
     print(f"$ {what} {' '.join(argv)}\n{text.rstrip()}\n[exit {rc}, {time.perf_counter() - t0:.1f} s]", flush=True)
     if rc:
         tail = " | ".join(line.strip() for line in text.strip().splitlines()[-3:])
@@ -313,10 +310,9 @@ def read_train_log(ckpt: Path) -> dict:
 
 
 def make_phantoms(out: Path, S: Sizes, cases: int, shape, seed: int) -> dict:
-    from regionkd.train.cli import main as train_main
 
     t0 = time.perf_counter()
-    call_cli(train_main, ["phantoms", out, "--task", S.task, "--cases", cases, "--seed", seed,
+    call_cli("regionkd-train", ["phantoms", out, "--task", S.task, "--cases", cases, "--seed", seed,
                           "--shape", ",".join(str(int(v)) for v in shape), "--overwrite", "--quiet"], "regionkd-train")
     return {"path": str(out), "cases": cases, "shape": list(shape), "seed": seed,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -335,7 +331,6 @@ def trained_checkpoints(ctx: Context) -> dict:
 def quick_checkpoint(ctx: Context, S: Sizes) -> Path:
     """A student checkpoint trained for one step on two small phantoms at the network input size:
     the SDK and export sections' stand-in when the distillation section made none."""
-    from regionkd.train.cli import main as train_main
 
     work = ctx.work / "quick"
     ckpt = work / f"{S.student}.pt"
@@ -343,7 +338,7 @@ def quick_checkpoint(ctx: Context, S: Sizes) -> Path:
         return ckpt
     work.mkdir(parents=True, exist_ok=True)
     make_phantoms(work / "data", S, 2, S.quick_shape, seed=7)
-    call_cli(train_main, ["student", "--arch", S.student, "--data", work / "data", "--out", ckpt, "--preset", "paper",
+    call_cli("regionkd-train", ["student", "--arch", S.student, "--data", work / "data", "--out", ckpt, "--preset", "paper",
                           "--max-steps", 1, "--epochs", 1, "--samples-per-epoch", 2, "--batch-size", 2,
                           "--input-size", S.input_size, "--device", S.device, "--quiet"], "regionkd-train")
     return ckpt
@@ -687,11 +682,10 @@ class DistillRuns:
 
     def train(self, mode, arch, out, steps, extra=()) -> dict:
         """One regionkd-train run of `steps` steps (one epoch of them: validation once, at the end)."""
-        from regionkd.train.cli import main as train_main
 
         S = self.S
         t0 = time.perf_counter()
-        call_cli(train_main, [mode, "--arch", arch, "--out", out, "--max-steps", steps,
+        call_cli("regionkd-train", [mode, "--arch", arch, "--out", out, "--max-steps", steps,
                               "--samples-per-epoch", steps * S.train_batch, *self.common, *extra], "regionkd-train")
         wall = time.perf_counter() - t0
         log = read_train_log(out)
@@ -709,11 +703,10 @@ class DistillRuns:
 
     def evaluate(self, ckpt, name) -> dict:
         """A checkpoint's Dice (mean and per case) on the held-out phantoms."""
-        from regionkd.train.cli import main as train_main
 
         t0 = time.perf_counter()
         out = self.work / f"eval-{name}.json"
-        call_cli(train_main, ["evaluate", ckpt, "--data", self.test, "--cases", "all", "--device", self.S.device,
+        call_cli("regionkd-train", ["evaluate", ckpt, "--data", self.test, "--cases", "all", "--device", self.S.device,
                               "--batch-size", self.S.batch, "--json", out, "--quiet"], "regionkd-train")
         res = json.loads(out.read_text())
         return {"dice": {c: m.get("dice") for c, m in res["mean"].items()}, "mean": res["mean"],
@@ -986,12 +979,11 @@ def record_rtx_modules(rec: Recorder) -> tuple:
 def export_rtx_bundle(S: Sizes, rec: Recorder, ctx: Context, ckpt: Path, trained: bool, trt) -> tuple:
     """regionkd-export of the checkpoint in fp32 and fp16, with TensorRT-RTX engines where TensorRT-RTX
     imports: recorded; (bundle, manifest, engine entries, the exporter's engine lines)."""
-    from regionkd.export.cli import main as export_main
 
     bundle = ctx.work / "bundle"
     engine_mode = "auto" if trt is not None else "never"
     t0 = time.perf_counter()
-    text = call_cli(export_main, [ckpt, "-o", bundle, "--precision", "fp32,fp16", "--engine", engine_mode,
+    text = call_cli("regionkd-export", [ckpt, "-o", bundle, "--precision", "fp32,fp16", "--engine", engine_mode,
                                   "--max-batch", S.batch, "--overwrite"], "regionkd-export")
     manifest = json.loads((bundle / "manifest.json").read_text())
     engines = [f for f in manifest["files"] if f.get("format") == "tensorrt-rtx-engine"]

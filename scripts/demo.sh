@@ -4,13 +4,14 @@
 # and more unannotated ones.
 #   phantoms (labelled, unlabelled, test) -> teacher and, beside it, the student alone
 #   -> the same student distilled from the teacher on the unannotated scans -> Dice side by side
-#   -> export (fp32/fp16/int8 ONNX + TensorRT-RTX engines) -> segment a held-out phantom -> latency
+#   -> export (fp32/fp16/int8 ONNX, each also fused with its pre/post-processing, + TensorRT-RTX engines)
+#   -> segment a held-out phantom -> latency
 #   -> the held-out phantom as a DICOM CT series -> DICOM SEG, statistics JSON, preview against the ground truth
 # Sizes: 96x96 slices (the phantoms are made at 96x96, about 4 mm pixels), the liver lesions'
 # contrast doubled as in the ablation's cpu preset, and tumours of at least 30 mm (the ablation:
 # 20 mm) so that models trained for a few minutes find them. The teacher is the small U-Net; the
 # teacher and the student alone train side by side, one thread each, while the core the student
-# leaves free writes the other phantoms. Measured: 9 min 40 s and 10 min 31 s on 2 cores. Every training resumes
+# leaves free writes the other phantoms. 350 steps each (400 took 9 min 40 s to 10 min 31 s on 2 cores). Every training resumes
 # (--resume) when rerun. The distilled student uses distill's default, chosen from the ablation
 # (benchmarks/README.md): class-balanced PMD (alpha 1, T 1) on the labelled and the unlabelled
 # slices of every step.
@@ -22,8 +23,8 @@ TEST=$OUT/test          # held-out labelled phantoms: the Dice table and the exp
 HELD_OUT=$OUT/held-out  # one full-size case stored slice-axis-first like KiTS19, for the SDK
 STUDENT=${STUDENT:-mobilenetv2}
 TEACHER=${TEACHER:-unet-small}
-TEACHER_STEPS=${TEACHER_STEPS:-400}
-STUDENT_STEPS=${STUDENT_STEPS:-400}
+TEACHER_STEPS=${TEACHER_STEPS:-350}
+STUDENT_STEPS=${STUDENT_STEPS:-350}
 COMMON=(--preset demo --cache-dir "$OUT/cache" --resume --quiet)
 LESION_MM=${LESION_MM:-30}
 PHANTOMS=(--task liver --shape 96,96,32 --min-lesion-mm "$LESION_MM" --lesion-contrast 2 --quiet)

@@ -37,10 +37,20 @@ def test_the_runtime_names_no_training_framework_or_package():
     assert offenders == []
 
 
+def imported_modules(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
 def test_benchmarks_import_library_modules_never_cli_modules():
-    offenders = [f"{p.name}:{i}: {line.strip()}" for p in sources("benchmarks")
-                 for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if re.search(r"regionkd\.\w+\.cli\w*|from \.cli", line)]
+    """Benchmarks use the library; where one runs a command as a user would, it runs it as a process."""
+    offenders = [f"{p.name}: {m}" for p in sources("benchmarks") for m in imported_modules(p)
+                 if re.fullmatch(r"regionkd\.\w+\.cli\w*", m)]
     assert offenders == []
 
 
