@@ -115,11 +115,13 @@ def segment_archive(bundle, inputs, output, report=None, address: str | None = N
     from .atomic import remove_stale_temps
     from .batch import expand_inputs, output_paths, select_part
     from .mask_io import NIFTI_SUFFIXES
+    from .segmenter import _verified_bundle
 
-    output = Path(output)
+    output = Path(output).resolve()           # actors may run in other processes and on other nodes
     if output.name.endswith(NIFTI_SUFFIXES) or (output.exists() and not output.is_dir()):
         raise InputError(f"output {output}: --ray writes a folder of results, not one file")
-    paths = expand_inputs(inputs)
+    bundle = _verified_bundle(bundle, (segmenter_options or {}).get("trusted_keys")).root.resolve()  # fail here
+    paths = [p.resolve() for p in expand_inputs(inputs)]
     outputs = output_paths(paths, output, output_type="nifti")
     items = [{"input": str(i), "output": str(o)} for i, o in
              zip(select_part(paths, num_parts, part_id), select_part(outputs, num_parts, part_id))]
