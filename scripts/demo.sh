@@ -11,7 +11,7 @@
 # contrast doubled as in the ablation's cpu preset, and tumours of at least 30 mm (the ablation:
 # 20 mm) so that models trained for a few minutes find them. The teacher is the small U-Net; the
 # teacher and the student alone train side by side, one thread each, while the core the student
-# leaves free writes the other phantoms. 350 steps each (400 took 9 min 40 s to 10 min 31 s on 2 cores). Every training resumes
+# leaves free writes the other phantoms. 350 steps each: 9 min 34 s on 2 cores (400 took up to 10 min 31 s). Every training resumes
 # (--resume) when rerun. The distilled student uses distill's default, chosen from the ablation
 # (benchmarks/README.md): class-balanced PMD (alpha 1, T 1) on the labelled and the unlabelled
 # slices of every step.

@@ -226,6 +226,12 @@ def _paths(bundle, backend: str, precision: str) -> tuple:
     return ("fused", "numpy") if fused else ("numpy",)
 
 
+def planned_configurations(bundle, backends, precisions, checkpoints=()) -> list[tuple]:
+    """(kind, backend or checkpoint, precision, path) of every configuration run_benchmark times."""
+    return [("bundle", be, pr, path) for be in backends for pr in precisions for path in _paths(bundle, be, pr)] + [
+        ("checkpoint", str(c), "fp32", "numpy") for c in checkpoints]
+
+
 def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",), precisions=None,
                   checkpoints=(), device: int = 0, repeat: int = 10, warmup: int = 1, batch_size=None,
                   threads=None, progress=None, on_skip=None, folder_volumes: int = 0) -> dict:
@@ -240,9 +246,7 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     precisions = list(precisions) if precisions else b.precisions
-    jobs = [("bundle", be, pr, path) for be in backends for pr in precisions for path in _paths(b, be, pr)] + [
-        ("checkpoint", str(c), "fp32", "numpy")
-                                                                           for c in checkpoints]
+    jobs = planned_configurations(b, backends, precisions, checkpoints)
     rows = []
     with tempfile.TemporaryDirectory(prefix="regionkd-bench-") as tmp:
         tmp = Path(tmp)

@@ -66,7 +66,7 @@ def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, b
     model size, parameters, each configuration's own peak memory. Where the bundle ships fused models
     (pre- and post-processing inside the graph) they are timed beside the numpy path."""
     from .backends import BACKENDS
-    from .bench import format_table, require_measured, run_benchmark
+    from .bench import format_table, planned_configurations, require_measured, run_benchmark
     from .bundle import load_bundle
     from .bundle_files import PRECISIONS
 
@@ -75,7 +75,7 @@ def bench(bundle, volume, shape, backends, precisions, device, repeat, warmup, b
     precision_list = parse_list(precisions, PRECISIONS, "precision") if precisions else None
     shape = parse_shape(shape)
     b = load_bundle(bundle)
-    total = len(backend_list) * len(precision_list or b.precisions) + len(checkpoints)
+    total = len(planned_configurations(b, backend_list, precision_list or b.precisions, checkpoints))
     with progress_bar(total=total, desc="benchmarking", unit="config", quiet=quiet) as bar:
         def skipped(row):
             if not quiet:
