@@ -6,6 +6,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+#: training options of a run of a few seconds on 64x64 phantoms
+TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
+            quiet=True)   # 3 steps per epoch
+
 
 def write_lits_case(root, index: int, hu: np.ndarray, affine: np.ndarray, label: np.ndarray) -> None:
     """One case in the LiTS layout: volume-<i>.nii and segmentation-<i>.nii, same affine."""

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests.training_data import write_phantom_lits
+from tests.training_data import TINY, write_phantom_lits
 from regionkd.sdk.errors import InputError
 from regionkd.train import losses as L
 from regionkd.train.checkpoint import load_checkpoint, log_path_for
@@ -17,13 +17,6 @@ from regionkd.train.sampling import IGNORE_LABEL
 from regionkd.train.run_data import labelled_subset
 from regionkd.train.trainer import train
 
-TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
-            quiet=True)   # 3 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_phantom_lits(tmp_path_factory.mktemp("phantoms"), n=5, shape=(64, 64, 12))
 
 
 @pytest.fixture(scope="module")

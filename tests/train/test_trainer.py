@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from tests.training_data import write_phantom_lits
+from tests.training_data import TINY
 from regionkd.sdk.errors import InputError, RegionKDError
 from regionkd.sdk.bundle import sha256_file
 from regionkd.train.checkpoint import CheckpointError, load_checkpoint, load_model, log_path_for
@@ -15,13 +15,6 @@ from regionkd.train.distill_loss import DistillLoss, teacher_targets
 from regionkd.train.teacher import load_teacher
 from regionkd.train.trainer import train
 
-TINY = dict(preset="demo", input_size=64, batch_size=4, samples_per_epoch=12, epochs=1, log_every=1,
-            quiet=True)   # 3 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_phantom_lits(tmp_path_factory.mktemp("phantoms"), n=5, shape=(64, 64, 12))
 
 
 @pytest.fixture(scope="module")
