@@ -1,7 +1,9 @@
 """Segmenting many files in one call (`Segmenter.segment_files`, which regionkd-segment calls):
-inputs expanded (folders of NIfTI files, DICOM series folders), each result named after its input,
-and every input tried in isolation: whatever goes wrong with one (a refused volume, a full disk,
-MemoryError, any exception) becomes that input's failed outcome and the others still run."""
+inputs expanded (files, folders of NIfTI files, DICOM series folders, globs, CSV lists), each
+result named after its input, and every input tried in isolation: whatever goes wrong with one (a
+refused volume, a full disk, MemoryError, any exception) becomes that input's failed outcome and
+the others still run. The next input is read and the previous one written while one is inferred
+(`_run_pipelined`); `select_part` splits the inputs across processes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

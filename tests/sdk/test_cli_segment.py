@@ -345,3 +345,21 @@ def test_num_parts_split_the_inputs_without_overlap_as_nnunet_does(tiny_bundle, 
     assert written == [names[0::2], names[1::2]]          # nnU-Net's items[part_id::num_parts]
     code, _, err = run([tiny_bundle, folder, "-o", out, "--num-parts", "2", "--part-id", "2"], capsys)
     assert code == 2 and "--part-id 2 must be below --num-parts 2" in err
+
+
+def test_inputs_from_a_glob_and_a_csv_list_with_or_without_header(tmp_path):
+    from regionkd.sdk.batch import expand_inputs
+    from regionkd.sdk.errors import InputError
+
+    for name in ("b.nii.gz", "a.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([str(tmp_path / "*.nii.gz")]) == [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    listed = tmp_path / "list.csv"
+    listed.write_text("site,input\nA,b.nii.gz\nB,/abs/c.nii.gz\n")
+    assert expand_inputs([listed]) == [tmp_path / "b.nii.gz", Path("/abs/c.nii.gz")]
+    bare = tmp_path / "bare.csv"
+    bare.write_text("a.nii.gz\nb.nii.gz\n")                       # no header: the first column
+    assert expand_inputs([bare]) == [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(InputError, match="empty input list"):
+        expand_inputs([tmp_path / "empty.csv"])
