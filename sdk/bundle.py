@@ -139,21 +139,24 @@ class Bundle:
         present = {e["precision"] for e in self.files}
         return [p for p in PRECISIONS if p in present]
 
+    def _files_for(self, precision: str, backend: str, graph: str, match: dict):
+        """The entries with this precision, usable by `backend`, of this `graph`, equal on every `match` field."""
+        return (e for e in self.files if e["precision"] == precision and backend in e["backends"]
+                and e.get("graph", "network") == graph and all(e.get(k) == v for k, v in match.items()))
+
     def select_file(self, precision: str, backend: str, graph: str = "network", **match: Any) -> dict:
         """The first `files` entry with this precision, usable by `backend`, of this `graph` ("network",
         or "fused": pre- and post-processing inside the model), and equal on every `match` field."""
-        for entry in self.files:
-            if entry["precision"] == precision and backend in entry["backends"] and \
-                    entry.get("graph", "network") == graph and all(entry.get(k) == v for k, v in match.items()):
-                return entry
+        entry = next(self._files_for(precision, backend, graph, match), None)
+        if entry is not None:
+            return entry
         wanted = ", ".join([f"precision={precision}", f"backend={backend}", f"graph={graph}"] +
                            [f"{k}={v}" for k, v in match.items()])
         have = "; ".join(f"{e['path']} ({e['precision']}, {'/'.join(e['backends'])})" for e in self.files)
         raise BundleError(f"bundle {self.root} has no file for {wanted}; it has: {have}")
 
     def has_file(self, precision: str, backend: str, graph: str = "network") -> bool:
-        return any(e["precision"] == precision and backend in e["backends"] and e.get("graph", "network") == graph
-                   for e in self.files)
+        return next(self._files_for(precision, backend, graph, {}), None) is not None
 
     def path_of(self, entry: dict) -> Path:
         return self.root / entry["path"]
