@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import shutil
 import sys
 import tempfile
 import time
@@ -234,7 +233,7 @@ def measure_folders(p: Preset, bundle_dir: Path, volume: Path, threads: int, qui
     """Folder throughput of the student's bundle (FOLDER_VOLUMES copies of the timed volume) for
     fp32 and int8, the numpy and the fused path, one after the other and pipelined; and the floor
     of each precision (inflating the input + the network alone)."""
-    from regionkd.sdk.bench import measure_floor, measure_folder
+    from regionkd.sdk.bench import measure_floor, measure_folder, volume_copies
     from regionkd.sdk.bundle import load_bundle
     from regionkd.sdk.console import progress_bar
     from regionkd.sdk.segmenter import Segmenter
@@ -244,9 +243,7 @@ def measure_folders(p: Preset, bundle_dir: Path, volume: Path, threads: int, qui
     rows, floors = [], {}
     with tempfile.TemporaryDirectory(prefix="regionkd-folder-") as tmp, \
             progress_bar(total=len(configs) + 2, desc="folder throughput", unit="config", quiet=quiet) as bar:
-        inputs = [Path(tmp) / f"case_{i:02d}.nii.gz" for i in range(FOLDER_VOLUMES)]
-        for path in inputs:
-            shutil.copyfile(volume, path)
+        inputs = volume_copies(volume, Path(tmp) / "in", FOLDER_VOLUMES)
         for precision in ("fp32", "int8"):
             floors[precision] = measure_floor(bundle, volume, precision, threads=threads, batch_size=p.infer_batch)
             bar.update(1)

@@ -204,18 +204,22 @@ def _open_configuration(bundle, kind: str, which: str, precision: str, path: str
                  "size_bytes": model.size_bytes, "params": model.params}
 
 
-def _folder_runs(segmenter, volume: Path, folder: Path, count: int) -> dict:
-    """{"sequential": ..., "pipelined": ...} measure_folder rows over `count` copies of `volume`."""
+def volume_copies(volume: Path, folder: Path, count: int) -> list[Path]:
+    """`count` copies of `volume` (a NIfTI file or a DICOM series folder) in `folder`, named like
+    the inputs of an archive: the folder of a throughput run."""
     import shutil
 
     folder.mkdir(parents=True)
-    suffix = ".nii.gz" if volume.name.endswith(".gz") else ".nii"
-    inputs = []
-    for i in range(count):
-        target = folder / f"in{i:03d}{suffix}"
+    suffix = "" if volume.is_dir() else (".nii.gz" if volume.name.endswith(".gz") else ".nii")
+    copies = [folder / f"case_{i:03d}{suffix}" for i in range(count)]
+    for target in copies:
         shutil.copytree(volume, target) if volume.is_dir() else shutil.copyfile(volume, target)
-        inputs.append(target)
-    return {mode: measure_folder(segmenter, inputs, folder / mode, mode == "pipelined")
+    return copies
+
+
+def _folder_runs(segmenter, inputs: list[Path], out_dir: Path) -> dict:
+    """{"sequential": ..., "pipelined": ...} measure_folder rows over `inputs`."""
+    return {mode: measure_folder(segmenter, inputs, out_dir / mode, mode == "pipelined")
             for mode in ("sequential", "pipelined")}
 
 
@@ -257,6 +261,7 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
             del data
         else:
             vol_info = describe_volume(volume)
+        copies = volume_copies(Path(volume), tmp / "folder", folder_volumes) if folder_volumes else []
         for kind, which, precision, path in jobs:
             row = {"model": b.manifest["model"].get("name", "bundle") if kind == "bundle" else Path(which).name,
                    "backend": which, "precision": precision, "path": path}
@@ -272,7 +277,7 @@ def run_benchmark(bundle, volume=None, shape=(512, 512, 100), backends=("auto",)
                 with seg:
                     row.update(measure(seg, Path(volume), tmp, warmup, repeat, rss_reset=rss_reset), status="ok")
                     if folder_volumes:
-                        row["folder"] = _folder_runs(seg, Path(volume), tmp / f"folder{len(rows)}", folder_volumes)
+                        row["folder"] = _folder_runs(seg, copies, tmp / f"folder-out{len(rows)}")
             rows.append(row)
             if progress is not None:
                 progress(1)
